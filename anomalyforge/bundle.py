@@ -26,6 +26,7 @@ import logging
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -84,7 +85,7 @@ def file_entry(bundle_dir: Path, file_name: str, fmt: str, precision: str, input
 def check_member_name(name: str) -> str:
     """Return ``name`` if it is a plain relative path that stays inside the bundle, else raise."""
     pure = PurePosixPath(name)
-    if not name or "\\" in name or pure.is_absolute() or ".." in pure.parts or ":" in pure.parts[0]:
+    if not pure.parts or "\\" in name or pure.is_absolute() or ".." in pure.parts or ":" in pure.parts[0]:
         raise BundleError(
             f"bundle member path {name!r} would leave the bundle directory; "
             "only plain relative file names are allowed"
@@ -130,8 +131,14 @@ def extract_zip(zip_path: Path, target_dir: Path) -> None:
                 )
             destination = target_dir / info.filename
             destination.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as source, open(destination, "wb") as sink:
-                shutil.copyfileobj(source, sink)
+            try:
+                with archive.open(info) as source, open(destination, "wb") as sink:
+                    shutil.copyfileobj(source, sink)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+                raise BundleError(
+                    f"bundle member {info.filename!r} in {zip_path} is corrupt ({error}); "
+                    "copy the bundle again"
+                ) from error
 
 
 @dataclass
@@ -210,7 +217,7 @@ def load_bundle(path) -> Bundle:
     """Load a bundle directory or zip file and verify its schema and every checksum."""
     source = Path(path)
     temporary = None
-    if source.is_file() and zipfile.is_zipfile(source):
+    if source.is_file():
         temporary = tempfile.TemporaryDirectory(prefix="anomalyforge-bundle-")
         root = Path(temporary.name)
         extract_zip(source, root)

@@ -135,6 +135,9 @@ def threshold_at_fpr(normal_scores, fpr: float) -> float:
 
     A diagnostic for ranking quality on labelled test data, never a way to set a threshold.
     """
+    if not 0.0 <= fpr < 1.0:
+        raise InvalidInputError(f"fpr must lie in [0, 1), got {fpr}")
     scores = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
-    n_allowed = int(math.floor(fpr * scores.size))
+    # Rounding first keeps 0.29 * 100 = 28.999999999999996 from losing one score.
+    n_allowed = int(math.floor(round(fpr * scores.size, 9)))
     return float(scores[scores.size - n_allowed - 1])

@@ -1,0 +1,168 @@
+"""Detectors: fitting, scoring and out-of-fold calibration scores.
+
+Three detector families, all returned as torch modules that map (batch, length) windows to
+(batch,) scores:
+
+- ``fit_autoencoder``: unsupervised, trained on normals only; score = reconstruction error.
+- ``fit_classifier``: supervised, normals against anomalies (real, optionally plus
+  synthetic); score = anomaly logit.
+- ``fit_pca``: principal-component reconstruction error, the baseline every deep model is
+  compared with.
+
+``calibration_scores`` produces the normal scores that set a detector's threshold: scores
+of validation normals from the deployed model plus out-of-fold scores of the training
+normals from k refits, so every calibration score comes from a model that did not train on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from anomalyforge.training.fitting import EpochLogger, iterate_batches, score_windows, seed_everything
+from anomalyforge.training.models import ConvAutoencoder, ConvClassifier, PCAReconstruction
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    latent_dim: int = 16
+    channels: int = 32
+    epochs: int = 150
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    channels: int = 32
+    epochs: int = 25
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    # Weight of the real anomalies relative to one synthetic anomaly in the loss.
+    real_anomaly_weight: float = 5.0
+
+
+def fit_autoencoder(normals: np.ndarray, seed: int = 0, config: AutoencoderConfig = AutoencoderConfig(),
+                    name: str = "autoencoder") -> ConvAutoencoder:
+    """Train the convolutional autoencoder on normal windows of shape (n, length)."""
+    generator = seed_everything(seed)
+    data = torch.as_tensor(np.asarray(normals, dtype=np.float32))
+    model = ConvAutoencoder(data.shape[1], config.latent_dim, config.channels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    progress = EpochLogger(name, config.epochs)
+
+    model.train()
+    for epoch in range(config.epochs):
+        total = 0.0
+        for index in iterate_batches(len(data), config.batch_size, generator):
+            loss = model(data[index]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+        scheduler.step()
+        progress(epoch, total / len(data))
+    return model.eval()
+
+
+def fit_classifier(normals: np.ndarray, anomalies: np.ndarray, synthetic: np.ndarray | None = None,
+                   seed: int = 0, config: ClassifierConfig = ClassifierConfig(),
+                   name: str = "classifier") -> ConvClassifier:
+    """Train the CNN classifier on normals (label 0) against real and synthetic anomalies (label 1).
+
+    The loss is weighted so that normals and anomalies carry equal total weight; inside the
+    anomaly half a real anomaly weighs ``real_anomaly_weight`` times a synthetic one.
+    """
+    generator = seed_everything(seed)
+    synthetic = np.empty((0, normals.shape[1]), np.float32) if synthetic is None else synthetic
+    windows = np.concatenate([normals, anomalies, synthetic]).astype(np.float32)
+    labels = np.concatenate([np.zeros(len(normals)), np.ones(len(anomalies) + len(synthetic))])
+    anomaly_weights = np.concatenate([
+        np.full(len(anomalies), config.real_anomaly_weight), np.ones(len(synthetic)),
+    ])
+    anomaly_weights *= len(normals) / anomaly_weights.sum()
+    weights = np.concatenate([np.ones(len(normals)), anomaly_weights])
+
+    data = torch.as_tensor(windows)
+    targets = torch.as_tensor(labels, dtype=torch.float32)
+    sample_weights = torch.as_tensor(weights / weights.mean(), dtype=torch.float32)
+    model = ConvClassifier(data.shape[1], config.channels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    loss_function = nn.BCEWithLogitsLoss(reduction="none")
+    progress = EpochLogger(name, config.epochs)
+
+    model.train()
+    for epoch in range(config.epochs):
+        total = 0.0
+        for index in iterate_batches(len(data), config.batch_size, generator):
+            loss = (loss_function(model(data[index]), targets[index]) * sample_weights[index]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+        scheduler.step()
+        progress(epoch, total / len(data))
+    return model.eval()
+
+
+def fit_pca(normals: np.ndarray, explained_variance: float = 0.9) -> PCAReconstruction:
+    """Fit principal components on normal windows (numpy SVD) and wrap the residual as a module.
+
+    Keeps the fewest components whose cumulative explained variance reaches
+    ``explained_variance`` on the training normals.
+    """
+    data = np.asarray(normals, dtype=np.float64)
+    mean = data.mean(axis=0)
+    _, singular_values, components = np.linalg.svd(data - mean, full_matrices=False)
+    variance = singular_values**2
+    ratio = np.cumsum(variance) / variance.sum()
+    n_components = int(np.searchsorted(ratio, explained_variance) + 1)
+    logger.info("pca: %d components explain %.3f of the training-normal variance",
+                n_components, ratio[n_components - 1])
+    return PCAReconstruction(mean, components[:n_components]).eval()
+
+
+@dataclass
+class CalibrationScores:
+    """Normal scores for threshold calibration and where each came from."""
+
+    scores: np.ndarray
+    n_validation: int
+    n_out_of_fold: int
+    n_folds: int
+    sources: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (f"{self.n_validation} validation normals scored by the deployed model and "
+                f"{self.n_out_of_fold} training normals scored out of fold ({self.n_folds} refits)")
+
+
+def calibration_scores(fit: Callable[[np.ndarray, int], nn.Module], deployed: nn.Module,
+                       normal_train: np.ndarray, normal_val: np.ndarray, n_folds: int = 5,
+                       seed: int = 0) -> CalibrationScores:
+    """Collect normal scores that no scoring model trained on.
+
+    ``fit(normals, seed)`` must train a detector the same way ``deployed`` was trained,
+    given a subset of the training normals; it is called ``n_folds`` times.
+    """
+    validation = score_windows(deployed, normal_val)
+    out_of_fold = np.empty(len(normal_train))
+    folds = np.array_split(np.random.default_rng(seed).permutation(len(normal_train)), n_folds)
+    for fold_number, held_out in enumerate(folds):
+        kept = np.setdiff1d(np.arange(len(normal_train)), held_out)
+        logger.info("out-of-fold refit %d/%d on %d normals", fold_number + 1, n_folds, len(kept))
+        model = fit(normal_train[kept], seed + 1000 * (fold_number + 1))
+        out_of_fold[held_out] = score_windows(model, normal_train[held_out])
+    return CalibrationScores(
+        scores=np.concatenate([validation, out_of_fold]),
+        n_validation=len(validation), n_out_of_fold=len(out_of_fold), n_folds=n_folds,
+    )
