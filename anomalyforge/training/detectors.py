@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from anomalyforge.training.fitting import EpochLogger, iterate_batches, score_windows, seed_everything
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 class AutoencoderConfig:
     latent_dim: int = 16
     channels: int = 32
-    epochs: int = 150
+    epochs: int = 80
     batch_size: int = 32
     learning_rate: float = 2e-3
 
@@ -114,21 +115,44 @@ def fit_classifier(normals: np.ndarray, anomalies: np.ndarray, synthetic: np.nda
     return model.eval()
 
 
-def fit_pca(normals: np.ndarray, explained_variance: float = 0.9) -> PCAReconstruction:
+def fit_pca(normals: np.ndarray, n_components: int | None = None, validation_normals: np.ndarray | None = None,
+            validation_anomalies: np.ndarray | None = None, max_components: int = 20) -> PCAReconstruction:
     """Fit principal components on normal windows (numpy SVD) and wrap the residual as a module.
 
-    Keeps the fewest components whose cumulative explained variance reaches
-    ``explained_variance`` on the training normals.
+    Parameters
+    ----------
+    normals : ndarray of shape (n_normals, length)
+        Training normals.
+    n_components : int or None, default=None
+        Components to keep. None selects it from 1..max_components by the ROC-AUC of
+        ``validation_anomalies`` against ``validation_normals`` (ties go to fewer
+        components); both must then be given. The held-out test data play no part.
     """
     data = np.asarray(normals, dtype=np.float64)
     mean = data.mean(axis=0)
-    _, singular_values, components = np.linalg.svd(data - mean, full_matrices=False)
-    variance = singular_values**2
-    ratio = np.cumsum(variance) / variance.sum()
-    n_components = int(np.searchsorted(ratio, explained_variance) + 1)
-    logger.info("pca: %d components explain %.3f of the training-normal variance",
-                n_components, ratio[n_components - 1])
+    _, _, components = np.linalg.svd(data - mean, full_matrices=False)
+    if n_components is None:
+        if validation_normals is None or validation_anomalies is None:
+            raise ValueError("n_components=None needs validation_normals and validation_anomalies")
+        n_components = select_pca_components(mean, components[:max_components], validation_normals,
+                                             validation_anomalies)
     return PCAReconstruction(mean, components[:n_components]).eval()
+
+
+def select_pca_components(mean: np.ndarray, components: np.ndarray, validation_normals: np.ndarray,
+                          validation_anomalies: np.ndarray) -> int:
+    """Return the component count whose residual best separates the validation anomalies."""
+    windows = np.concatenate([validation_normals, validation_anomalies]).astype(np.float64) - mean
+    is_anomaly = np.r_[np.zeros(len(validation_normals)), np.ones(len(validation_anomalies))]
+    best_count, best_auc = 1, -1.0
+    for count in range(1, len(components) + 1):
+        basis = components[:count]
+        residual = ((windows - windows @ basis.T @ basis) ** 2).mean(axis=1)
+        auc = roc_auc_score(is_anomaly, residual)
+        if auc > best_auc + 1e-12:
+            best_count, best_auc = count, auc
+    logger.info("pca: %d components selected (validation ROC-AUC %.4f)", best_count, best_auc)
+    return best_count
 
 
 @dataclass

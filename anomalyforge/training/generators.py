@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 class CVAEConfig:
     latent_dim: int = 16
     channels: int = 32
-    epochs: int = 300
+    epochs: int = 150
     batch_size: int = 64
     learning_rate: float = 2e-3
     # Weight of the KL term against the summed squared reconstruction error of a window.

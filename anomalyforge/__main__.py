@@ -1,0 +1,5 @@
+import sys
+
+from anomalyforge.cli import main
+
+sys.exit(main())

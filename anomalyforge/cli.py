@@ -1,0 +1,93 @@
+"""Command-line interface: ``anomalyforge demo`` and ``anomalyforge device stream|calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from anomalyforge import __version__
+from anomalyforge.errors import AnomalyForgeError
+
+logger = logging.getLogger("anomalyforge")
+
+
+def add_demo_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the main job on the embedded ECG5000 data",
+        description=(
+            "Few-shot split of ECG5000, CVAE synthetic anomalies, four detectors with calibrated "
+            "thresholds, evaluation on the held-out TEST split, ONNX fp32/int8 export into a bundle, "
+            "streaming of TEST beats through a simulated serial device, and device calibration. "
+            "Writes metrics.json, the bundle and bundle.zip into the run directory."
+        ),
+    )
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
+                        help="output directory (default: runs/demo)")
+    parser.add_argument("--k", type=int, default=10,
+                        help="number of real anomalies available for training (default: 10)")
+    parser.add_argument("--synthetic", type=int, default=1000,
+                        help="number of synthetic anomalies the CVAE generates (default: 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds for the classifier comparison, starting at --seed (default: 3)")
+    parser.add_argument("--target-fpr", type=float, default=0.01,
+                        help="false-positive rate the thresholds are set for (default: 0.01)")
+    parser.add_argument("--stream-beats", type=int, default=None,
+                        help="stream only the first N TEST beats (default: all 4500)")
+    parser.set_defaults(handler=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from anomalyforge.demo import DemoConfig, format_summary, run_demo
+
+    if args.k < 1 or args.synthetic < 1 or args.seeds < 1:
+        raise AnomalyForgeError(
+            f"--k, --synthetic and --seeds must be at least 1 (got {args.k}, {args.synthetic}, {args.seeds})"
+        )
+    metrics = run_demo(DemoConfig(run_dir=args.run_dir, k=args.k, n_synthetic=args.synthetic, seed=args.seed,
+                                  n_seeds=args.seeds, target_fpr=args.target_fpr,
+                                  stream_beats=args.stream_beats))
+    print(format_summary(metrics))
+    print(f"\nMetrics: {args.run_dir / 'metrics.json'}  Bundle: {metrics['bundle']['dir']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomalyforge",
+        description="Few-shot anomaly detection for edge devices: synthetic anomalies, int8 export, serial streaming.",
+    )
+    parser.add_argument("--version", action="version", version=f"anomalyforge {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level written to stderr (default: INFO)")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_demo_command(subparsers)
+
+    from anomalyforge.device.cli import add_device_commands
+
+    device = subparsers.add_parser("device", help="run a bundle on the device: stream or calibrate",
+                                   description="Device-side commands (numpy, onnxruntime and pyserial only).")
+    add_device_commands(device.add_subparsers(dest="device_command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except AnomalyForgeError as error:
+        logger.error("%s", error)
+        return 2
+    except KeyboardInterrupt:
+        logger.warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""``anomalyforge device stream`` and ``anomalyforge device calibrate`` subcommands.
+
+The top-level CLI calls :func:`add_device_commands` on its ``device`` sub-parser and runs
+``args.handler(args)``. Each handler returns the process exit code and lets
+AnomalyForgeError propagate for the top level to print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from anomalyforge.device.calibrate import calibrate_bundle
+from anomalyforge.device.detector import PRECISIONS, DeviceDetector
+from anomalyforge.device.stream import (
+    DEFAULT_BAUDRATE,
+    MODES,
+    collect_windows,
+    read_windows_file,
+    resolve_windowing,
+    stream_port,
+)
+from anomalyforge.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by both commands: bundle, detector, precision, port and framing."""
+    parser.add_argument("--bundle", required=True, metavar="DIR",
+                        help="bundle directory (or .zip for 'stream') written by 'anomalyforge export'")
+    parser.add_argument("--detector", metavar="NAME",
+                        help="detector in the bundle (default: the manifest's default_detector)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="int8",
+                        help="which ONNX file to run (default: %(default)s)")
+    parser.add_argument("--mode", choices=MODES, default="beat",
+                        help="'beat': one window of window-length values per line; 'samples': one "
+                             "sample per line, cut into windows (default: %(default)s)")
+    parser.add_argument("--window-length", type=positive_int, metavar="N",
+                        help="samples per received window (default: the bundle's task.window_length); "
+                             "another length is linearly resampled to the model's")
+    parser.add_argument("--hop", type=positive_int, metavar="N",
+                        help="samples between window starts in samples mode (default: the bundle's "
+                             "task.hop, else the window length)")
+    parser.add_argument("--baudrate", type=positive_int, default=DEFAULT_BAUDRATE,
+                        help="serial line speed in bits per second (default: %(default)s; ignored by "
+                             "pseudo-terminals and socket:// URLs)")
+    parser.add_argument("--idle-timeout", type=positive_float, metavar="S",
+                        help="stop after S seconds without received data (default: wait forever)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="onnxruntime intra-op threads (default: %(default)s)")
+
+
+def add_device_commands(subparsers) -> None:
+    """Register the ``stream`` and ``calibrate`` subcommands on ``subparsers``."""
+    stream = subparsers.add_parser(
+        "stream",
+        help="score windows read from a serial port",
+        description="Read text lines from a serial port, score each window with the bundle's "
+                    "detector and write one JSON line per window (index, score, is_anomaly, "
+                    "threshold, latency_us). Malformed lines are counted and skipped. Stops on "
+                    "Ctrl-C, when the device disconnects, after --max-windows or --idle-timeout, "
+                    "and prints a summary to stderr.",
+    )
+    add_input_options(stream)
+    stream.add_argument("--port", required=True,
+                        help="serial device (/dev/ttyUSB0, /dev/ttyACM0, COM3) or pyserial URL "
+                             "(socket://HOST:PORT, loop://)")
+    stream.add_argument("--max-windows", type=positive_int, metavar="N",
+                        help="stop after N windows (default: no limit)")
+    stream.add_argument("--output", metavar="FILE",
+                        help="write the JSON lines to FILE instead of standard output")
+    stream.set_defaults(handler=run_stream)
+
+    calibrate = subparsers.add_parser(
+        "calibrate",
+        help="set a detector's threshold from normal windows recorded on this device",
+        description="Score normal windows from a serial port or a file, generate anomalies with "
+                    "the bundle's decoder, set the threshold for --target-fpr and write it into "
+                    "the bundle (the previous one is kept in its threshold_history). Prints a JSON "
+                    "report with the detection rate on the generated anomalies.",
+    )
+    add_input_options(calibrate)
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--port", help="serial device or pyserial URL to record normal windows from")
+    source.add_argument("--input", metavar="FILE",
+                        help="normal windows: .npy of shape (n, window_length), or text lines in the "
+                             "stream format")
+    calibrate.add_argument("--windows", type=positive_int, metavar="N",
+                           help="normal windows to record from --port (required with --port; at "
+                                "least ceil(1 / target-fpr - 1), 99 for 0.01)")
+    calibrate.add_argument("--target-fpr", type=float, default=0.01,
+                           help="false-positive rate the threshold must not exceed in expectation, "
+                                "in (0, 1) (default: %(default)s)")
+    calibrate.add_argument("--generated", type=int, default=1000, metavar="N",
+                           help="anomalies to generate with the decoder for the detection-rate check; "
+                                "0 skips it (default: %(default)s)")
+    calibrate.add_argument("--seed", type=int, default=0,
+                           help="seed of the generated latent vectors (default: %(default)s)")
+    calibrate.set_defaults(handler=run_calibrate)
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    """Run ``device stream`` and return the exit code (0 after any normal stop)."""
+    detector = DeviceDetector.from_bundle(args.bundle, name=args.detector, precision=args.precision,
+                                          threads=args.threads)
+    output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        stream_port(
+            detector, args.port, mode=args.mode, window_length=args.window_length, hop=args.hop,
+            baudrate=args.baudrate, max_windows=args.max_windows, idle_timeout_s=args.idle_timeout,
+            on_window=output,
+        )
+    finally:
+        if output is not sys.stdout:
+            output.close()
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Run ``device calibrate``, print the JSON report and return the exit code."""
+    detector = DeviceDetector.from_bundle(args.bundle, name=args.detector, precision=args.precision,
+                                          threads=args.threads)
+    length, hop = resolve_windowing(detector.bundle.task, args.mode, args.window_length, args.hop)
+    if args.port is not None:
+        if args.windows is None:
+            raise InvalidInputError("--port needs --windows N, the number of normal windows to record")
+        windows, summary = collect_windows(
+            args.port, args.windows, length, mode=args.mode, hop=hop, baudrate=args.baudrate,
+            idle_timeout_s=args.idle_timeout,
+        )
+        print(summary.format(), file=sys.stderr)
+        description = f"serial port {args.port} ({len(windows)} windows, {args.mode} mode)"
+    else:
+        windows = read_windows_file(args.input, length, mode=args.mode, hop=hop)
+        description = f"file {args.input}"
+    report = calibrate_bundle(
+        args.bundle, windows, detector=detector.name, precision=args.precision,
+        n_generated=args.generated, target_fpr=args.target_fpr, seed=args.seed,
+        input_description=description, threads=args.threads,
+    )
+    print(json.dumps(report, indent=2))
+    return 0

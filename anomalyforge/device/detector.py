@@ -1,0 +1,168 @@
+"""Score windows on the device with a bundle's detector (numpy and onnxruntime only)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from anomalyforge.bundle import Bundle, load_bundle
+from anomalyforge.device.backends import OnnxRuntimeBackend
+from anomalyforge.errors import BundleError, InvalidInputError
+from anomalyforge.signal import apply_preprocessing, check_windows
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("int8", "fp32")
+
+
+def format_key(precision: str) -> str:
+    """Return the manifest format key (``onnx-int8`` or ``onnx-fp32``) for ``precision``."""
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return f"onnx-{precision}"
+
+
+def resolve_detector_name(bundle: Bundle, name: str | None) -> str:
+    """Return ``name``, or the bundle's default detector (the only one if there is no default)."""
+    if name is not None:
+        return name
+    default = bundle.manifest.get("default_detector")
+    if default:
+        return default
+    detectors = bundle.detectors()
+    if len(detectors) == 1:
+        return detectors[0]
+    raise BundleError(
+        f"bundle {bundle.source} sets no default detector and has {len(detectors)} detectors "
+        f"{detectors}; choose one with --detector NAME"
+    )
+
+
+def as_bundle(bundle) -> Bundle:
+    """Return ``bundle`` if it is a loaded Bundle, else load (and verify) the path it names."""
+    if isinstance(bundle, Bundle):
+        return bundle
+    return load_bundle(bundle)
+
+
+class DeviceDetector:
+    """A bundle detector ready to score windows: manifest preprocessing, then onnxruntime.
+
+    Build it with :meth:`from_bundle`.
+
+    Attributes
+    ----------
+    name : str
+        Detector name in the manifest.
+    precision : {"int8", "fp32"}
+        Which ONNX file is loaded.
+    window_length : int
+        Samples per window the model takes (``task.window_length``).
+    threshold : float or None
+        The manifest threshold value: a window is anomalous when its score is above it.
+        None when the bundle has no threshold for this detector yet.
+    threshold_info : dict or None
+        The whole manifest threshold record (target rate, source, ...).
+    preprocessing : list of dict
+        The manifest preprocessing steps applied to every window before the model.
+    """
+
+    def __init__(self, bundle: Bundle, name: str, precision: str, backend: OnnxRuntimeBackend):
+        self.bundle = bundle
+        self.name = name
+        self.precision = precision
+        self.backend = backend
+        self.window_length = int(bundle.task["window_length"])
+        self.preprocessing = list(bundle.manifest.get("preprocessing", []))
+        self.threshold_info = bundle.model(name).get("threshold")
+        self.threshold = None if self.threshold_info is None else float(self.threshold_info["value"])
+        self.input_name = backend.input_names[0]
+        self.batch_size = backend.static_batch()
+
+    @classmethod
+    def from_bundle(cls, bundle, name: str | None = None, precision: str = "int8",
+                    threads: int = 1) -> DeviceDetector:
+        """Load a detector from a bundle.
+
+        Parameters
+        ----------
+        bundle : Bundle or str or Path
+            A loaded bundle, or the path of a bundle directory or zip (loaded and verified here).
+        name : str, optional
+            Detector name. Default is the manifest's ``default_detector``.
+        precision : {"int8", "fp32"}, default="int8"
+            Which ONNX file to run.
+        threads : int, default=1
+            onnxruntime intra-op threads.
+
+        Raises
+        ------
+        BundleError
+            If the model is not a detector, has no file for ``precision``, or its file does
+            not match the manifest.
+        """
+        bundle = as_bundle(bundle)
+        name = resolve_detector_name(bundle, name)
+        model = bundle.model(name)
+        if model.get("role") != "detector":
+            raise BundleError(
+                f"model {name!r} in {bundle.source} has role {model.get('role')!r}, not 'detector'; "
+                f"detectors in this bundle: {bundle.detectors()}"
+            )
+        entry = bundle.file_entry(name, format_key(precision))
+        backend = OnnxRuntimeBackend(bundle.path_of(entry), entry, threads=threads)
+        detector = cls(bundle, name, precision, backend)
+        logger.info(
+            "detector %s (%s) ready: window_length=%d, threshold=%s",
+            name, precision, detector.window_length, detector.threshold,
+        )
+        return detector
+
+    def preprocess(self, windows) -> np.ndarray:
+        """Check ``windows`` and apply the manifest preprocessing, giving model input (n, window_length)."""
+        array = check_windows(windows, self.window_length)
+        return apply_preprocessing(self.preprocessing, array)
+
+    def score(self, windows) -> np.ndarray:
+        """Score windows. A higher score means more anomalous.
+
+        Parameters
+        ----------
+        windows : array_like of shape (n_windows, window_length) or (window_length,)
+            Raw windows, before preprocessing.
+
+        Returns
+        -------
+        ndarray of shape (n_windows,), float32
+
+        Raises
+        ------
+        InvalidInputError
+            If the windows have the wrong length or contain NaN or inf.
+        """
+        features = self.preprocess(windows)
+        if self.batch_size is None:
+            return self.run_model(features)
+        parts = [
+            self.run_model(features[start:start + self.batch_size])
+            for start in range(0, len(features), self.batch_size)
+        ]
+        return np.concatenate(parts)
+
+    def run_model(self, features: np.ndarray) -> np.ndarray:
+        if self.batch_size is not None and len(features) < self.batch_size:
+            padding = np.zeros((self.batch_size - len(features), features.shape[1]), dtype=np.float32)
+            scores = self.backend.run({self.input_name: np.concatenate([features, padding])})[0]
+            return np.asarray(scores, dtype=np.float32).reshape(-1)[: len(features)]
+        scores = self.backend.run({self.input_name: features})[0]
+        return np.asarray(scores, dtype=np.float32).reshape(-1)
+
+    def is_anomaly(self, scores) -> np.ndarray:
+        """Return a boolean array: True where a score is above the threshold."""
+        if self.threshold is None:
+            raise BundleError(
+                f"detector {self.name!r} in {self.bundle.source} has no threshold; set one with "
+                "'anomalyforge device calibrate'"
+            )
+        return np.asarray(scores) > self.threshold
