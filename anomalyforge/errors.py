@@ -15,3 +15,11 @@ class BundleError(AnomalyForgeError):
 
 class SerialPortError(AnomalyForgeError):
     """A serial port cannot be opened or stopped delivering data."""
+
+
+class MissingDependencyError(AnomalyForgeError, ImportError):
+    """An optional package that this feature needs is not installed."""
+
+
+class ExportError(AnomalyForgeError):
+    """A model could not be exported, validated or quantized."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalyforge.errors import AnomalyForgeError, BundleError, InvalidInputError
+from anomalyforge.errors import BundleError, InvalidInputError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +25,6 @@ ONNX_TENSOR_TYPES = {
     "int32": "tensor(int32)",
     "int64": "tensor(int64)",
 }
-
-
-class MissingDependencyError(AnomalyForgeError, ImportError):
-    """An optional package that the device runtime needs is not installed."""
 
 
 def import_onnxruntime():

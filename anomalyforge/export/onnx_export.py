@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from anomalyforge.errors import AnomalyForgeError, InvalidInputError
+from anomalyforge.errors import ExportError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ QUANTIZED_OP_TYPES = (
 # Operators that only move or reshape data. The walk from a graph output back to the node
 # that computes it passes through these.
 SHAPE_OP_TYPES = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity"})
-
-
-class ExportError(AnomalyForgeError):
-    """A model could not be exported, validated or quantized."""
 
 
 def export_onnx(module, example_inputs: tuple, path, input_names: Sequence[str],
