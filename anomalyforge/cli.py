@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from anomalyforge import __version__
-from anomalyforge.errors import AnomalyForgeError
+from anomalyforge.errors import AnomalyForgeError, InvalidInputError
 
 logger = logging.getLogger("anomalyforge")
 
@@ -37,6 +37,9 @@ def add_demo_command(subparsers) -> None:
                         help="false-positive rate the thresholds are set for (default: 0.01)")
     parser.add_argument("--stream-beats", type=int, default=None,
                         help="stream only the first N TEST beats (default: all 4500)")
+    parser.add_argument("--calibration-beats", type=int, default=1000,
+                        help="the device calibrates on the normal beats among the first N TEST beats and "
+                             "streams the others (default: 1000)")
     parser.set_defaults(handler=run_demo_command)
 
 
@@ -44,12 +47,17 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from anomalyforge.demo import DemoConfig, format_summary, run_demo
 
     if args.k < 1 or args.synthetic < 1 or args.seeds < 1:
-        raise AnomalyForgeError(
+        raise InvalidInputError(
             f"--k, --synthetic and --seeds must be at least 1 (got {args.k}, {args.synthetic}, {args.seeds})"
+        )
+    if not 0 < args.calibration_beats < 4500:
+        raise InvalidInputError(
+            f"--calibration-beats must lie between 1 and 4499 (ECG5000 TEST has 4500 beats), "
+            f"got {args.calibration_beats}"
         )
     metrics = run_demo(DemoConfig(run_dir=args.run_dir, k=args.k, n_synthetic=args.synthetic, seed=args.seed,
                                   n_seeds=args.seeds, target_fpr=args.target_fpr,
-                                  stream_beats=args.stream_beats))
+                                  stream_beats=args.stream_beats, calibration_beats=args.calibration_beats))
     print(format_summary(metrics))
     print(f"\nMetrics: {args.run_dir / 'metrics.json'}  Bundle: {metrics['bundle']['dir']}")
     return 0

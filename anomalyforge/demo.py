@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from anomalyforge import __version__
 from anomalyforge.signal import preprocessing_spec
-from anomalyforge.training.datasets import ECG5000_NORMAL_CLASS, load_ecg5000
+from anomalyforge.training.datasets import ECG5000_NORMAL_CLASS, ecg5000_task, load_ecg5000
 from anomalyforge.training.experiment import (
     DETECTOR_OUTPUTS, ExperimentConfig, prepare, train_classifiers, train_generator, train_unsupervised,
 )
@@ -45,6 +46,7 @@ class DemoConfig:
     n_seeds: int = 3
     target_fpr: float = 0.01
     stream_beats: int | None = None
+    calibration_beats: int = 1000
     torch_threads: int = 1
 
 
@@ -64,21 +66,6 @@ class StepTimer:
         self.durations[title] = round(time.perf_counter() - started, 2)
         logger.info("[%d/%d] %s done in %.1f s", self.step, self.n_steps, title, self.durations[title])
         return result
-
-
-def ecg_task(window_length: int) -> dict:
-    return {
-        "modality": "ecg-beat",
-        "dataset": "ECG5000 (UCR), PhysioNet chfdb record chf07",
-        "window_length": window_length,
-        "hop": window_length,
-        "channels": 1,
-        "sample_format": "float32",
-        # ECG5000 beats were interpolated to 140 samples, so they have no fixed sample rate.
-        "sample_rate_hz": None,
-        "normal_class": ECG5000_NORMAL_CLASS,
-        "window_description": "one heartbeat resampled to window_length samples",
-    }
 
 
 def summarise_seeds(per_seed: dict[int, dict[str, dict]]) -> dict:
@@ -120,7 +107,7 @@ def export_bundle(bundle_dir: Path, split, detectors: dict, generator, seed: int
     """Export every detector and the decoder into a bundle; return the writer and file paths."""
     from anomalyforge.export.writer import BundleWriter
 
-    writer = BundleWriter(bundle_dir, ecg_task(split.test.x.shape[1]), preprocessing_spec())
+    writer = BundleWriter(bundle_dir, ecg5000_task(split.test.x.shape[1]), preprocessing_spec())
     paths = {}
     for name, detector in detectors.items():
         paths[name] = writer.add_detector(
@@ -174,8 +161,14 @@ def evaluate_exports(paths: dict, detectors: dict, split, generator, decoder_inp
     return results
 
 
-def stream_test_beats(bundle_dir: Path, beats: np.ndarray, precision: str = "int8") -> dict:
-    """Play beats as text lines on a pseudo-terminal and score them with the device runtime."""
+def stream_test_beats(bundle_dir: Path, beats: np.ndarray, labels: np.ndarray, workstation_threshold: float,
+                      precision: str = "int8") -> dict:
+    """Play beats as text lines on a pseudo-terminal and score them with the device runtime.
+
+    The device uses the threshold currently in ``bundle_dir``; the labels let the demo
+    report the false-positive rate and recall that threshold gives on the streamed beats,
+    beside what the workstation threshold would have given on the same scores.
+    """
     from anomalyforge.bundle import load_bundle
     from anomalyforge.device.detector import DeviceDetector
     from anomalyforge.device.stream import stream_port
@@ -189,10 +182,9 @@ def stream_test_beats(bundle_dir: Path, beats: np.ndarray, precision: str = "int
                               on_open=device.host_opened, idle_timeout_s=30.0, summary_stream=None)
         device.wait_written(timeout=30.0)
         sent = device.lines_written
-    streamed_scores = np.array([record["score"] for record in records])
+    streamed_scores = np.array([record["score"] for record in records], dtype=np.float64)
     offline_scores = detector.score(beats)
-    n_compared = min(len(streamed_scores), len(offline_scores))
-    return {
+    result = {
         "detector": detector.name,
         "precision": precision,
         "port": summary.port,
@@ -204,21 +196,31 @@ def stream_test_beats(bundle_dir: Path, beats: np.ndarray, precision: str = "int
         "latency_p99_us": summary.latency_p99_us,
         "duration_s": summary.duration_s,
         "stop_reason": summary.stop_reason,
-        "max_abs_diff_vs_offline": float(np.max(np.abs(streamed_scores[:n_compared] - offline_scores[:n_compared])))
-        if n_compared else None,
     }
+    if len(streamed_scores) != len(beats):
+        logger.error("streaming lost windows: %d scored of %d sent", len(streamed_scores), len(beats))
+        return result
+    result["max_abs_diff_vs_offline"] = float(np.max(np.abs(streamed_scores - offline_scores)))
+    is_anomaly = labels != ECG5000_NORMAL_CLASS
+    for name, threshold in (("device_threshold", detector.threshold), ("workstation_threshold", workstation_threshold)):
+        flagged = streamed_scores > threshold
+        result[name] = {"value": float(threshold), "fpr": float(flagged[~is_anomaly].mean()),
+                        "recall": float(flagged[is_anomaly].mean())}
+    return result
 
 
-def calibrate_on_device(bundle_dir: Path, run_dir: Path, local_normals: np.ndarray, config: DemoConfig) -> dict:
-    """Run the device calibration from a text file of local normal beats."""
+def calibrate_on_device(bundle_dir: Path, local_normals: np.ndarray, config: DemoConfig) -> dict:
+    """Run the device calibration from a text file of local normal beats, as the CLI would."""
     from anomalyforge.device.calibrate import calibrate_bundle
+    from anomalyforge.device.stream import read_windows_file
     from anomalyforge.firmware_bridge.simulator import format_line
 
-    normals_path = run_dir / "local_normals.txt"
+    normals_path = Path(bundle_dir).parent / "local_normals.txt"
     normals_path.write_bytes(b"".join(format_line(beat) for beat in local_normals))
-    return calibrate_bundle(bundle_dir, local_normals, precision="int8", n_generated=config.n_synthetic,
+    windows = read_windows_file(normals_path, local_normals.shape[1])
+    return calibrate_bundle(bundle_dir, windows, precision="int8", n_generated=config.n_synthetic,
                             target_fpr=config.target_fpr, seed=config.seed,
-                            input_description=f"file {normals_path.name} ({len(local_normals)} beats)")
+                            input_description=f"file {normals_path.name} ({len(windows)} normal beats)")
 
 
 def bundle_size(bundle_dir: Path) -> int:
@@ -253,13 +255,29 @@ def run_demo(config: DemoConfig) -> dict:
     exported = evaluate_exports(paths, detectors, split, generator, decoder_inputs)
     writer.finish(DEFAULT_DETECTOR, metrics={"held_out_test": exported})
 
-    beats = test.x if config.stream_beats is None else test.x[:config.stream_beats]
-    streaming = timer.run("stream held-out beats over a pseudo-terminal", stream_test_beats, bundle_dir, beats)
-    calibration = timer.run("device calibration with decoder-generated anomalies", calibrate_on_device,
-                            bundle_dir, run_dir, train.x[train.y == ECG5000_NORMAL_CLASS], config)
-
     from anomalyforge.bundle import zip_bundle
+
     zip_path = zip_bundle(bundle_dir, run_dir / "bundle.zip")
+
+    # The device's copy of the bundle: calibrated on the normal beats among the first
+    # calibration_beats of TEST ("the first minutes on this sensor"), then streaming the rest,
+    # so no streamed beat was used for calibration.
+    device_dir = run_dir / "device-bundle"
+    if device_dir.exists():
+        shutil.rmtree(device_dir)
+    shutil.copytree(bundle_dir, device_dir)
+    local = test.x[:config.calibration_beats]
+    local_normals = local[test.y[:config.calibration_beats] == ECG5000_NORMAL_CLASS]
+    calibration = timer.run("device calibration with decoder-generated anomalies", calibrate_on_device,
+                            device_dir, local_normals, config)
+
+    stream_end = len(test.x) if config.stream_beats is None else config.calibration_beats + config.stream_beats
+    streaming = timer.run(
+        "stream held-out beats over a pseudo-terminal", stream_test_beats, device_dir,
+        test.x[config.calibration_beats:stream_end], test.y[config.calibration_beats:stream_end],
+        detectors[DEFAULT_DETECTOR].threshold.value,
+    )
+
     metrics = {
         "anomalyforge_version": __version__,
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
@@ -278,7 +296,7 @@ def run_demo(config: DemoConfig) -> dict:
         "classifier_seeds": {"per_seed": {str(seed): rows for seed, rows in per_seed.items()},
                              "summary": summarise_seeds(per_seed)},
         "bundle": {"dir": str(bundle_dir), "zip": str(zip_path), "bytes": bundle_size(bundle_dir),
-                   "zip_bytes": zip_path.stat().st_size},
+                   "zip_bytes": zip_path.stat().st_size, "device_copy": str(device_dir)},
         "streaming": streaming,
         "device_calibration": calibration,
         "step_seconds": timer.durations,
@@ -327,16 +345,22 @@ def format_summary(metrics: dict) -> str:
         f"Bundle: {metrics['bundle']['bytes'] / 1024:.0f} KiB ({metrics['bundle']['zip_bytes'] / 1024:.0f} KiB zipped); "
         f"decoder int8 max abs diff {metrics['decoder']['onnx-int8']['max_abs_diff']:.4f}"
     )
+    previous = calibration["previous_threshold"]["value"] if calibration.get("previous_threshold") else float("nan")
+    lines.append(
+        f"Device calibration ({calibration['detector']}, {calibration['precision']}): threshold "
+        f"{previous:.4f} -> {calibration['threshold']['value']:.4f} from {calibration['n_normals']} local normals; "
+        f"{calibration['detection_rate']:.3f} of {calibration['n_generated']} decoder-generated anomalies detected"
+    )
     lines.append(
         f"Streaming ({streaming['detector']}, {streaming['precision']}, pty {streaming['port']}): "
         f"{streaming['windows_scored']} windows scored of {streaming['windows_sent']} sent, "
-        f"latency p50 {streaming['latency_p50_us']:.0f} us, p99 {streaming['latency_p99_us']:.0f} us"
+        f"{streaming['skipped_lines']} lines skipped, latency p50 {streaming['latency_p50_us']:.0f} us, "
+        f"p99 {streaming['latency_p99_us']:.0f} us"
     )
-    lines.append(f"Device calibration: {json.dumps(calibration_headline(calibration))}")
+    for key in ("device_threshold", "workstation_threshold"):
+        if key in streaming:
+            entry = streaming[key]
+            lines.append(f"  streamed beats with the {key.replace('_', ' ')} {entry['value']:.4f}: "
+                         f"FPR {entry['fpr']:.4f}, recall {entry['recall']:.3f}")
     lines.append(f"Total time {metrics['total_seconds']:.0f} s")
     return "\n".join(lines)
-
-
-def calibration_headline(calibration: dict) -> dict:
-    keys = ("threshold", "previous_threshold", "n_normals", "n_generated", "detection_rate")
-    return {key: calibration[key] for key in keys if key in calibration}

@@ -38,14 +38,14 @@ def run_cli(arguments):
 
 
 def test_calibrate_from_npy_writes_threshold(bundle_copy, test_normals, tmp_path):
-    original = load_bundle(bundle_copy).model("conv_ae")["threshold"]
+    original = load_bundle(bundle_copy).model("autoencoder")["threshold"]
     path = tmp_path / "normals.npy"
     np.save(path, test_normals)
 
     report = calibrate_bundle(bundle_copy, read_windows_file(path, 140), n_generated=200,
                               target_fpr=0.02, seed=3, input_description=f"file {path}")
 
-    model = load_bundle(bundle_copy).model("conv_ae")
+    model = load_bundle(bundle_copy).model("autoencoder")
     detector = DeviceDetector.from_bundle(bundle_copy, precision="int8")
     expected = calibrate_threshold(detector.score(test_normals), 0.02, source="device")
     assert model["threshold"]["value"] == pytest.approx(expected.value, abs=1e-7)
@@ -78,7 +78,7 @@ def test_calibrate_cli_text_file_keeps_history(bundle_copy, test_normals, tmp_pa
         assert exit_code == 0
         reports.append(json.loads(capsys.readouterr().out))
 
-    model = load_bundle(bundle_copy).model("conv_ae")
+    model = load_bundle(bundle_copy).model("autoencoder")
     assert len(model["threshold_history"]) == 2
     assert model["threshold_history"][0]["source"] == "workstation"
     assert model["threshold_history"][1]["source"] == "device"
@@ -92,7 +92,7 @@ def test_calibrate_cli_text_file_keeps_history(bundle_copy, test_normals, tmp_pa
 def test_calibrate_too_few_normals(bundle_copy, test_normals):
     with pytest.raises(InvalidInputError, match="50 normal windows are too few.*at least 99 are needed"):
         calibrate_bundle(bundle_copy, test_normals[:50], target_fpr=0.01, n_generated=10)
-    assert "threshold_history" not in load_bundle(bundle_copy).model("conv_ae")
+    assert load_bundle(bundle_copy).model("autoencoder").get("threshold_history", []) == []
 
 
 def test_collect_windows_from_port(test_normals):

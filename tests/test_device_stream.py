@@ -190,19 +190,19 @@ def test_nonexistent_port_in_stream(detector):
 
 
 def test_tampered_model_file_rejected(bundle_copy):
-    path = bundle_copy / "conv_ae.int8.onnx"
+    path = bundle_copy / "autoencoder.int8.onnx"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    with pytest.raises(BundleError, match="checksum mismatch for 'conv_ae.int8.onnx'"):
+    with pytest.raises(BundleError, match="checksum mismatch for 'autoencoder.int8.onnx'"):
         DeviceDetector.from_bundle(bundle_copy)
 
 
 def test_manifest_signature_mismatch_rejected(bundle_copy):
     manifest_path = bundle_copy / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["models"]["conv_ae"]["formats"]["onnx-fp32"]["inputs"][0]["shape"] = [None, 128]
+    manifest["models"]["autoencoder"]["formats"]["onnx-fp32"]["inputs"][0]["shape"] = [None, 128]
     manifest_path.write_text(json.dumps(manifest))
 
     with pytest.raises(BundleError, match="'window' axis 1 is 140 in the model but 128 in the manifest"):

@@ -105,6 +105,22 @@ def load_ecg5000() -> tuple[LabelledSeries, LabelledSeries]:
     return train, test
 
 
+def ecg5000_task(window_length: int = 140) -> dict:
+    """Return the bundle manifest's ``task`` record for ECG5000 beats."""
+    return {
+        "modality": "ecg-beat",
+        "dataset": "ECG5000 (UCR), PhysioNet chfdb record chf07",
+        "window_length": window_length,
+        "hop": window_length,
+        "channels": 1,
+        "sample_format": "float32",
+        # ECG5000 beats were interpolated to 140 samples, so they have no fixed sample rate.
+        "sample_rate_hz": None,
+        "normal_class": ECG5000_NORMAL_CLASS,
+        "window_description": "one heartbeat resampled to window_length samples",
+    }
+
+
 def pack_ucr_pair(train_path, test_path, output_path) -> Path:
     """Pack a UCR TRAIN / TEST pair into the compressed float32 ``.npz`` layout used for ECG5000."""
     train, test = load_ucr(train_path), load_ucr(test_path)
