@@ -25,7 +25,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from anomalyforge.training.fitting import EpochLogger, iterate_batches, score_windows, seed_everything
+from anomalyforge.training.fitting import score_windows, seed_everything, train_minibatches
 from anomalyforge.training.models import ConvAutoencoder, ConvClassifier, PCAReconstruction
 
 logger = logging.getLogger(__name__)
@@ -56,22 +56,8 @@ def fit_autoencoder(normals: np.ndarray, seed: int = 0, config: AutoencoderConfi
     generator = seed_everything(seed)
     data = torch.as_tensor(np.asarray(normals, dtype=np.float32))
     model = ConvAutoencoder(data.shape[1], config.latent_dim, config.channels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    progress = EpochLogger(name, config.epochs)
-
-    model.train()
-    for epoch in range(config.epochs):
-        total = 0.0
-        for index in iterate_batches(len(data), config.batch_size, generator):
-            loss = model(data[index]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(index)
-        scheduler.step()
-        progress(epoch, total / len(data))
-    return model.eval()
+    return train_minibatches(model, lambda index: model(data[index]).mean(), len(data), config.epochs,
+                             config.batch_size, config.learning_rate, generator, name)
 
 
 def fit_classifier(normals: np.ndarray, anomalies: np.ndarray, synthetic: np.ndarray | None = None,
@@ -96,23 +82,13 @@ def fit_classifier(normals: np.ndarray, anomalies: np.ndarray, synthetic: np.nda
     targets = torch.as_tensor(labels, dtype=torch.float32)
     sample_weights = torch.as_tensor(weights / weights.mean(), dtype=torch.float32)
     model = ConvClassifier(data.shape[1], config.channels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     loss_function = nn.BCEWithLogitsLoss(reduction="none")
-    progress = EpochLogger(name, config.epochs)
 
-    model.train()
-    for epoch in range(config.epochs):
-        total = 0.0
-        for index in iterate_batches(len(data), config.batch_size, generator):
-            loss = (loss_function(model(data[index]), targets[index]) * sample_weights[index]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(index)
-        scheduler.step()
-        progress(epoch, total / len(data))
-    return model.eval()
+    def batch_loss(index):
+        return (loss_function(model(data[index]), targets[index]) * sample_weights[index]).mean()
+
+    return train_minibatches(model, batch_loss, len(data), config.epochs, config.batch_size,
+                             config.learning_rate, generator, name)
 
 
 def fit_pca(normals: np.ndarray, n_components: int | None = None, validation_normals: np.ndarray | None = None,

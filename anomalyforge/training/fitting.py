@@ -48,3 +48,28 @@ class EpochLogger:
     def __call__(self, epoch: int, loss: float) -> None:
         if (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs:
             logger.info("%s: epoch %d/%d, loss %.5f", self.name, epoch + 1, self.epochs, loss)
+
+
+def train_minibatches(model: torch.nn.Module, batch_loss, n_items: int, epochs: int, batch_size: int,
+                      learning_rate: float, generator: torch.Generator, name: str) -> torch.nn.Module:
+    """Train with Adam and a cosine learning-rate schedule over shuffled mini-batches.
+
+    ``batch_loss(index)`` returns the mean loss of the items at ``index`` (a tensor of row
+    indices). Returns the model in eval mode.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    progress = EpochLogger(name, epochs)
+
+    model.train()
+    for epoch in range(epochs):
+        total = 0.0
+        for index in iterate_batches(n_items, batch_size, generator):
+            loss = batch_loss(index)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+        scheduler.step()
+        progress(epoch, total / n_items)
+    return model.eval()
