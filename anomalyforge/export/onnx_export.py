@@ -182,6 +182,11 @@ def export_with_dynamo(module, example_inputs, path: Path, input_names, output_n
     program.save(path, external_data=False)
 
 
+# torch 2.13's exporter warns once per run that torchvision is missing and its detection
+# operators (nms, roi_align, ...) cannot be registered. No anomalyforge model uses them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
 def export_with_torchscript(module, example_inputs, path: Path, input_names, output_names,
                             dynamic_batch: bool) -> None:
     import torch
