@@ -226,7 +226,7 @@ def load_bundle(path) -> Bundle:
     else:
         raise BundleError(
             f"bundle {source} not found (expected a directory with {MANIFEST_NAME} or a .zip "
-            "file); pass the path written by 'anomalyforge demo' or 'anomalyforge export'"
+            "file); pass the bundle directory or bundle.zip written by 'anomalyforge demo'"
         )
 
     manifest_path = root / MANIFEST_NAME

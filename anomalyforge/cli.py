@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from anomalyforge import __version__
-from anomalyforge.errors import AnomalyForgeError, InvalidInputError
+from anomalyforge.errors import AnomalyForgeError, InvalidInputError, MissingDependencyError
 
 logger = logging.getLogger("anomalyforge")
 
@@ -32,11 +32,13 @@ def add_demo_command(subparsers) -> None:
                         help="number of synthetic anomalies the CVAE generates (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--seeds", type=int, default=3,
-                        help="seeds for the classifier comparison, starting at --seed (default: 3)")
+                        help="number of seeds for the classifier comparison: --seed, --seed + 1, ... "
+                             "(default: 3)")
     parser.add_argument("--target-fpr", type=float, default=0.01,
                         help="false-positive rate the thresholds are set for (default: 0.01)")
     parser.add_argument("--stream-beats", type=int, default=None,
-                        help="stream only the first N TEST beats (default: all 4500)")
+                        help="stream only N of the TEST beats that follow the calibration beats "
+                             "(default: all of them, 3500 with the default --calibration-beats)")
     parser.add_argument("--calibration-beats", type=int, default=1000,
                         help="the device calibrates on the normal beats among the first N TEST beats and "
                              "streams the others (default: 1000)")
@@ -44,12 +46,22 @@ def add_demo_command(subparsers) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from anomalyforge.demo import DemoConfig, format_summary, run_demo
+    try:
+        from anomalyforge.demo import DemoConfig, format_summary, run_demo
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"the demo trains models and needs the training extras ({error}); install them with "
+            "pip install 'anomalyforge[all]'"
+        ) from error
 
     if args.k < 1 or args.synthetic < 1 or args.seeds < 1:
         raise InvalidInputError(
             f"--k, --synthetic and --seeds must be at least 1 (got {args.k}, {args.synthetic}, {args.seeds})"
         )
+    if not 0.0 < args.target_fpr < 1.0:
+        raise InvalidInputError(f"--target-fpr must lie in (0, 1), got {args.target_fpr}")
+    if args.stream_beats is not None and args.stream_beats < 1:
+        raise InvalidInputError(f"--stream-beats must be at least 1, got {args.stream_beats}")
     if not 0 < args.calibration_beats < 4500:
         raise InvalidInputError(
             f"--calibration-beats must lie between 1 and 4499 (ECG5000 TEST has 4500 beats), "

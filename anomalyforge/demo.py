@@ -35,6 +35,7 @@ DEFAULT_DETECTOR = "autoencoder"
 CLASSIFIERS = ("classifier_synthetic", "classifier_real")
 DECODER_NAME = "decoder"
 SEED_METRICS = ("roc_auc", "pr_auc", "recall", "fpr")
+DEMO_OUTPUTS = ("bundle", "device-bundle", "bundle.zip", "metrics.json", "local_normals.txt")
 
 
 @dataclass
@@ -197,15 +198,19 @@ def stream_test_beats(bundle_dir: Path, beats: np.ndarray, labels: np.ndarray, w
         "duration_s": summary.duration_s,
         "stop_reason": summary.stop_reason,
     }
-    if len(streamed_scores) != len(beats):
+    if len(beats) == 0 or len(streamed_scores) != len(beats):
         logger.error("streaming lost windows: %d scored of %d sent", len(streamed_scores), len(beats))
         return result
     result["max_abs_diff_vs_offline"] = float(np.max(np.abs(streamed_scores - offline_scores)))
     is_anomaly = labels != ECG5000_NORMAL_CLASS
     for name, threshold in (("device_threshold", detector.threshold), ("workstation_threshold", workstation_threshold)):
         flagged = streamed_scores > threshold
-        result[name] = {"value": float(threshold), "fpr": float(flagged[~is_anomaly].mean()),
-                        "recall": float(flagged[is_anomaly].mean())}
+        # None (JSON null) where the streamed beats hold no normals or no anomalies.
+        result[name] = {
+            "value": float(threshold),
+            "fpr": float(flagged[~is_anomaly].mean()) if (~is_anomaly).any() else None,
+            "recall": float(flagged[is_anomaly].mean()) if is_anomaly.any() else None,
+        }
     return result
 
 
@@ -223,6 +228,19 @@ def calibrate_on_device(bundle_dir: Path, local_normals: np.ndarray, config: Dem
                             input_description=f"file {normals_path.name} ({len(windows)} normal beats)")
 
 
+def remove_previous_outputs(run_dir: Path) -> None:
+    """Delete what an earlier demo wrote into ``run_dir`` (only the demo's own file names)."""
+    for name in DEMO_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        logger.info("removed %s from an earlier run", path)
+
+
 def bundle_size(bundle_dir: Path) -> int:
     return sum(path.stat().st_size for path in Path(bundle_dir).iterdir() if path.is_file())
 
@@ -237,6 +255,7 @@ def run_demo(config: DemoConfig) -> dict:
     torch.set_num_threads(config.torch_threads)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_previous_outputs(run_dir)
     bundle_dir = run_dir / "bundle"
     experiment = ExperimentConfig(n_synthetic=config.n_synthetic, target_fpr=config.target_fpr)
     timer = StepTimer(n_steps=9)
@@ -368,7 +387,9 @@ def format_summary(metrics: dict) -> str:
     for key in ("device_threshold", "workstation_threshold"):
         if key in streaming:
             entry = streaming[key]
+            fpr = "n/a" if entry["fpr"] is None else f"{entry['fpr']:.4f}"
+            recall = "n/a" if entry["recall"] is None else f"{entry['recall']:.3f}"
             lines.append(f"  streamed beats with the {key.replace('_', ' ')} {entry['value']:.4f}: "
-                         f"FPR {entry['fpr']:.4f}, recall {entry['recall']:.3f}")
+                         f"FPR {fpr}, recall {recall}")
     lines.append(f"Total time {metrics['total_seconds']:.0f} s")
     return "\n".join(lines)

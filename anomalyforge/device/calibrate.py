@@ -174,7 +174,8 @@ def calibrate_bundle(bundle_dir, normal_windows, detector: str | None = None, pr
         raise InvalidInputError(f"target_fpr must lie in (0, 1), got {target_fpr}")
     if n_generated < 0:
         raise InvalidInputError(f"n_generated must be 0 or more, got {n_generated}")
-    scorer = DeviceDetector.from_bundle(bundle, name=detector, precision=precision, threads=threads)
+    scorer = DeviceDetector.from_bundle(bundle, name=detector, precision=precision, threads=threads,
+                                        warn_on_threshold_mismatch=False)
 
     # 1. Score the local normal windows.
     normals = fit_length(normal_windows, scorer.window_length)
@@ -182,8 +183,8 @@ def calibrate_bundle(bundle_dir, normal_windows, detector: str | None = None, pr
     if len(normals) < needed:
         raise InvalidInputError(
             f"{len(normals)} normal windows are too few for a target false-positive rate of "
-            f"{target_fpr}: at least {needed} are needed. Record more (--windows {needed}) or "
-            "raise --target-fpr"
+            f"{target_fpr}: at least {needed} are needed. Record at least {needed} normal windows "
+            f"(--windows {needed} with --port, or a longer --input file) or raise --target-fpr"
         )
     normal_scores = scorer.score(normals)
 

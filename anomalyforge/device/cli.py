@@ -1,4 +1,4 @@
-"""``anomalyforge device stream`` and ``anomalyforge device calibrate`` subcommands.
+"""``anomalyforge device stream``, ``device calibrate`` and ``device bench`` subcommands.
 
 The top-level CLI calls :func:`add_device_commands` on its ``device`` sub-parser and runs
 ``args.handler(args)``. Each handler returns the process exit code and lets
@@ -11,11 +11,21 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
+from anomalyforge.device.bench import (
+    DEFAULT_REPEATS,
+    DEFAULT_WARMUP,
+    DEFAULT_WINDOWS,
+    TORCH_MODES,
+    format_report,
+    run_bench,
+)
 from anomalyforge.device.calibrate import calibrate_bundle
 from anomalyforge.device.detector import PRECISIONS, DeviceDetector
 from anomalyforge.device.stream import (
     DEFAULT_BAUDRATE,
+    FRAMINGS,
     MODES,
     collect_windows,
     read_windows_file,
@@ -44,11 +54,12 @@ def positive_float(text: str) -> float:
 def add_input_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by both commands: bundle, detector, precision, port and framing."""
     parser.add_argument("--bundle", required=True, metavar="DIR",
-                        help="bundle directory (or .zip for 'stream') written by 'anomalyforge export'")
+                        help="bundle directory (or .zip for 'stream') written by 'anomalyforge demo'")
     parser.add_argument("--detector", metavar="NAME",
                         help="detector in the bundle (default: the manifest's default_detector)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="int8",
-                        help="which ONNX file to run (default: %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="which ONNX file to run (default: the precision the detector's threshold "
+                             "was set with: fp32 for a workstation threshold)")
     parser.add_argument("--mode", choices=MODES, default="beat",
                         help="'beat': one window of window-length values per line; 'samples': one "
                              "sample per line, cut into windows (default: %(default)s)")
@@ -68,13 +79,14 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_commands(subparsers) -> None:
-    """Register the ``stream`` and ``calibrate`` subcommands on ``subparsers``."""
+    """Register the ``stream``, ``calibrate`` and ``bench`` subcommands on ``subparsers``."""
     stream = subparsers.add_parser(
         "stream",
         help="score windows read from a serial port",
-        description="Read text lines from a serial port, score each window with the bundle's "
-                    "detector and write one JSON line per window (index, score, is_anomaly, "
-                    "threshold, latency_us). Malformed lines are counted and skipped. Stops on "
+        description="Read text lines or binary frames from a serial port, score each window with "
+                    "the bundle's detector and write one JSON line per window (index, score, "
+                    "is_anomaly, threshold, latency_us; with binary frames also sample_index and "
+                    "samples_lost). Malformed lines and frames are counted and skipped. Stops on "
                     "Ctrl-C, when the device disconnects, after --max-windows or --idle-timeout, "
                     "and prints a summary to stderr.",
     )
@@ -82,6 +94,11 @@ def add_device_commands(subparsers) -> None:
     stream.add_argument("--port", required=True,
                         help="serial device (/dev/ttyUSB0, /dev/ttyACM0, COM3) or pyserial URL "
                              "(socket://HOST:PORT, loop://)")
+    stream.add_argument("--framing", choices=FRAMINGS, default="auto",
+                        help="'text': lines of numbers; 'binary': COBS frames of the firmware protocol "
+                             "(docs/protocol.md), whose hello sets the sample rate and whose lost "
+                             "samples are counted; 'auto': decide from the first bytes (default: "
+                             "%(default)s)")
     stream.add_argument("--max-windows", type=positive_int, metavar="N",
                         help="stop after N windows (default: no limit)")
     stream.add_argument("--output", metavar="FILE",
@@ -115,6 +132,8 @@ def add_device_commands(subparsers) -> None:
                            help="seed of the generated latent vectors (default: %(default)s)")
     calibrate.set_defaults(handler=run_calibrate)
 
+    add_bench_command(subparsers)
+
 
 def run_stream(args: argparse.Namespace) -> int:
     """Run ``device stream`` and return the exit code (0 after any normal stop)."""
@@ -125,7 +144,7 @@ def run_stream(args: argparse.Namespace) -> int:
         stream_port(
             detector, args.port, mode=args.mode, window_length=args.window_length, hop=args.hop,
             baudrate=args.baudrate, max_windows=args.max_windows, idle_timeout_s=args.idle_timeout,
-            on_window=output,
+            on_window=output, framing=args.framing,
         )
     finally:
         if output is not sys.stdout:
@@ -135,8 +154,13 @@ def run_stream(args: argparse.Namespace) -> int:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """Run ``device calibrate``, print the JSON report and return the exit code."""
+    if Path(args.bundle).is_file():
+        raise InvalidInputError(
+            f"{args.bundle} is a file, but calibrate writes the new threshold into the bundle, so it "
+            "needs a bundle directory; unzip the bundle and pass the directory"
+        )
     detector = DeviceDetector.from_bundle(args.bundle, name=args.detector, precision=args.precision,
-                                          threads=args.threads)
+                                          threads=args.threads, warn_on_threshold_mismatch=False)
     length, hop = resolve_windowing(detector.bundle.task, args.mode, args.window_length, args.hop)
     if args.port is not None:
         if args.windows is None:
@@ -151,9 +175,71 @@ def run_calibrate(args: argparse.Namespace) -> int:
         windows = read_windows_file(args.input, length, mode=args.mode, hop=hop)
         description = f"file {args.input}"
     report = calibrate_bundle(
-        args.bundle, windows, detector=detector.name, precision=args.precision,
+        args.bundle, windows, detector=detector.name, precision=detector.precision,
         n_generated=args.generated, target_fpr=args.target_fpr, seed=args.seed,
         input_description=description, threads=args.threads,
     )
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_bench_command(subparsers) -> None:
+    """Register the ``bench`` subcommand on ``subparsers``."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="time the device pipeline of a bundle detector on this host",
+        description="Time model load, then each stage per window (text-line parsing, "
+                    "preprocessing, inference, decision) and end to end, for every ONNX file of "
+                    "the detector and, when torch and onnx are installed, a torch eager baseline, "
+                    "interleaved window by window. Prints a table with p50 / p90 / p99 / max "
+                    "latency, throughput, real-time factor, speed-up over torch and RSS measured "
+                    "in a child process without torch.",
+    )
+    bench.add_argument("--bundle", required=True, metavar="DIR",
+                       help="bundle directory or .zip written by 'anomalyforge demo'")
+    bench.add_argument("--detector", metavar="NAME",
+                       help="detector in the bundle (default: the manifest's default_detector)")
+    bench.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime",
+                       help="device runtime to time (default: %(default)s, the only one)")
+    bench.add_argument("--threads", type=positive_int, default=1,
+                       help="intra-op threads of onnxruntime and torch (default: %(default)s)")
+    bench.add_argument("--windows", type=positive_int, default=DEFAULT_WINDOWS, metavar="N",
+                       help="timed windows per format and repeat (default: %(default)s)")
+    bench.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="N",
+                       help="untimed windows per format before each repeat (default: %(default)s)")
+    bench.add_argument("--repeats", type=positive_int, default=DEFAULT_REPEATS, metavar="N",
+                       help="timed passes; the spread of their p50 is reported (default: %(default)s)")
+    bench.add_argument("--input", metavar="FILE",
+                       help="windows to time: .npy of shape (n, window_length) or text lines with one "
+                            "window each (default: 1000 ECG5000 TEST beats from the package data)")
+    bench.add_argument("--sample-rate", type=positive_float, metavar="HZ",
+                       help="sample rate for the real-time factor (default: the bundle's "
+                            "task.sample_rate_hz, else 360 Hz as on MIT-BIH)")
+    bench.add_argument("--samples-per-window", type=positive_int, metavar="N",
+                       help="new samples each window stands for (default: the bundle's task.hop)")
+    bench.add_argument("--torch", choices=TORCH_MODES, default="auto",
+                       help="torch eager baseline: 'auto' adds it when torch and onnx are installed, "
+                            "'on' requires it (default: %(default)s)")
+    bench.add_argument("--no-rss-probe", action="store_true",
+                       help="skip the RSS measurement in a child process without torch")
+    bench.add_argument("--json", metavar="FILE", help="also write the full report as JSON to FILE")
+    bench.set_defaults(handler=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    """Run ``device bench``, print the table (and write the JSON report) and return the exit code."""
+    if args.warmup < 0:
+        raise InvalidInputError(f"--warmup must be 0 or more, got {args.warmup}")
+    report = run_bench(
+        args.bundle, detector=args.detector, threads=args.threads, windows=args.windows,
+        warmup=args.warmup, repeats=args.repeats, input_path=args.input,
+        sample_rate_hz=args.sample_rate, samples_per_window=args.samples_per_window,
+        torch_baseline=args.torch, rss_probe=not args.no_rss_probe,
+    )
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+        logger.info("wrote the benchmark report to %s", args.json)
     return 0

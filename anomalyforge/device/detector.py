@@ -23,6 +23,14 @@ def format_key(precision: str) -> str:
     return f"onnx-{precision}"
 
 
+def threshold_precision(threshold: dict | None) -> str | None:
+    """Return the precision ("fp32" or "int8") whose scores set ``threshold``, if recorded."""
+    if not threshold:
+        return None
+    calibration = threshold.get("calibration") or {}
+    return threshold.get("precision") or calibration.get("precision")
+
+
 def resolve_detector_name(bundle: Bundle, name: str | None) -> str:
     """Return ``name``, or the bundle's default detector (the only one if there is no default)."""
     if name is not None:
@@ -81,8 +89,8 @@ class DeviceDetector:
         self.batch_size = backend.static_batch()
 
     @classmethod
-    def from_bundle(cls, bundle, name: str | None = None, precision: str = "int8",
-                    threads: int = 1) -> DeviceDetector:
+    def from_bundle(cls, bundle, name: str | None = None, precision: str | None = None,
+                    threads: int = 1, warn_on_threshold_mismatch: bool = True) -> DeviceDetector:
         """Load a detector from a bundle.
 
         Parameters
@@ -91,10 +99,14 @@ class DeviceDetector:
             A loaded bundle, or the path of a bundle directory or zip (loaded and verified here).
         name : str, optional
             Detector name. Default is the manifest's ``default_detector``.
-        precision : {"int8", "fp32"}, default="int8"
-            Which ONNX file to run.
+        precision : {"int8", "fp32"} or None, default=None
+            Which ONNX file to run. None picks the precision whose scores set the current
+            threshold (see :func:`threshold_precision`), so score and threshold share a scale.
         threads : int, default=1
             onnxruntime intra-op threads.
+        warn_on_threshold_mismatch : bool, default=True
+            Log a warning when ``precision`` differs from the precision of the threshold's
+            scores. Calibration turns it off because it is about to replace the threshold.
 
         Raises
         ------
@@ -109,6 +121,15 @@ class DeviceDetector:
             raise BundleError(
                 f"model {name!r} in {bundle.source} has role {model.get('role')!r}, not 'detector'; "
                 f"detectors in this bundle: {bundle.detectors()}"
+            )
+        calibrated = threshold_precision(model.get("threshold"))
+        if precision is None:
+            precision = calibrated if calibrated in PRECISIONS else "int8"
+        elif warn_on_threshold_mismatch and calibrated is not None and precision != calibrated:
+            logger.warning(
+                "detector %s runs in %s but its threshold was set on %s scores, so the false-positive "
+                "rate may differ from the target; run 'anomalyforge device calibrate --precision %s' "
+                "to set a threshold for this precision", name, precision, calibrated, precision,
             )
         entry = bundle.file_entry(name, format_key(precision))
         backend = OnnxRuntimeBackend(bundle.path_of(entry), entry, threads=threads)

@@ -9,6 +9,10 @@ numbers separated by commas, spaces, tabs or semicolons. Two modes:
     One sample per line. A windower cuts windows of ``window_length`` samples every
     ``hop`` samples.
 
+Binary framing (``framing="binary"``, or ``"auto"`` when the first bytes show it) reads
+COBS frames of :mod:`anomalyforge.firmware_bridge.protocol` instead of lines; windows
+are then cut by the device's sample index, and lost samples are counted.
+
 A malformed line (wrong number of values, a non-numeric field, NaN / inf, or longer than
 ``max_line_bytes``) is logged (rate-limited), counted by reason and skipped. The windows
 already accepted are kept and the stream goes on. A line longer than the limit is
@@ -37,6 +41,12 @@ from anomalyforge.signal import check_windows, resample_beat
 logger = logging.getLogger(__name__)
 
 MODES = ("beat", "samples")
+FRAMINGS = ("text", "binary", "auto")
+# Auto framing decides on the first bytes: a 0x00 before any complete printable line means
+# binary frames, a complete line of printable ASCII means text. Without either after this
+# many bytes it chooses text, whose parser then rejects the over-long line.
+AUTO_DETECT_MAX_BYTES = 2048
+TEXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
 SKIP_REASONS = ("wrong_count", "non_numeric", "non_finite", "too_long", "incomplete")
 FIELD_SEPARATORS = re.compile(r"[,;\s]+")
 # Bytes allowed per value when the line limit is derived from the values per line: enough
@@ -249,6 +259,112 @@ class WindowReader:
         self.parser.finish()
 
 
+def detect_framing(prefix: bytes) -> str | None:
+    """Return "text", "binary" or None (undecided yet) for the first bytes of a stream."""
+    newline = prefix.find(b"\n")
+    zero = prefix.find(b"\x00")
+    if newline >= 0 and (zero < 0 or newline < zero) and not prefix[:newline].translate(None, TEXT_BYTES):
+        return "text"
+    if zero >= 0:
+        return "binary"
+    if len(prefix) >= AUTO_DETECT_MAX_BYTES:
+        return "text"
+    return None
+
+
+class AutoFramingReader:
+    """Buffer the first bytes until :func:`detect_framing` decides, then delegate to that reader.
+
+    Parameters
+    ----------
+    make_text_reader, make_binary_reader : callable
+        Build the reader for each framing, with no arguments.
+    """
+
+    def __init__(self, make_text_reader: Callable[[], object], make_binary_reader: Callable[[], object]):
+        self.make_text_reader = make_text_reader
+        self.make_binary_reader = make_binary_reader
+        self.active = None
+        self.prefix = bytearray()
+
+    @property
+    def framing(self) -> str:
+        return "undecided" if self.active is None else self.active.framing
+
+    def feed(self, data: bytes) -> list[np.ndarray]:
+        if self.active is not None:
+            return self.active.feed(data)
+        self.prefix += data
+        framing = detect_framing(bytes(self.prefix))
+        if framing is None:
+            return []
+        return self.start(framing)
+
+    def start(self, framing: str) -> list[np.ndarray]:
+        logger.info("auto framing: the stream carries %s", "binary frames" if framing == "binary" else "text lines")
+        self.active = self.make_binary_reader() if framing == "binary" else self.make_text_reader()
+        buffered = bytes(self.prefix)
+        self.prefix.clear()
+        return self.active.feed(buffered)
+
+    def finish(self) -> None:
+        if self.active is None:
+            self.start("text")
+        self.active.finish()
+
+
+def make_reader(framing: str, mode: str, window_length: int, hop: int, max_line_bytes: int | None = None,
+                model_sample_rate_hz: float | None = None):
+    """Return the reader for ``framing``: WindowReader, FrameWindowReader or AutoFramingReader."""
+    if framing not in FRAMINGS:
+        raise InvalidInputError(f"framing must be one of {list(FRAMINGS)}, got {framing!r}")
+
+    def make_text_reader():
+        return WindowReader(mode, window_length, hop, max_line_bytes)
+
+    def make_binary_reader():
+        # Imported here so text streaming works without the cobs package.
+        from anomalyforge.firmware_bridge.receiver import FrameWindowReader
+
+        # Binary frames carry samples, so beat mode takes one window per window_length samples.
+        return FrameWindowReader(window_length, hop if mode == "samples" else window_length,
+                                 model_sample_rate_hz)
+
+    if framing == "text":
+        return make_text_reader()
+    if framing == "binary":
+        return make_binary_reader()
+    return AutoFramingReader(make_text_reader, make_binary_reader)
+
+
+def record_reader_totals(summary: StreamSummary, reader) -> None:
+    """Copy the counters of a text, binary or auto reader into ``summary``."""
+    reader = getattr(reader, "active", reader)
+    if reader is None:
+        summary.framing = "undecided"
+        return
+    summary.framing = getattr(reader, "framing", "text")
+    if summary.framing == "text":
+        summary.lines_read = reader.parser.lines_read
+        summary.bytes_read = reader.parser.bytes_read
+        summary.skipped = dict(reader.parser.skipped)
+        return
+    stats = reader.stats
+    summary.bytes_read = stats.bytes_received
+    summary.frames = stats.frames_accepted
+    summary.samples_lost = stats.samples_lost
+    summary.link = stats.to_dict()
+    summary.link["windows_skipped"] = reader.windower.windows_skipped if reader.windower is not None else 0
+    summary.link["messages"] = dict(reader.messages)
+    if reader.hello is not None:
+        summary.device = {
+            "firmware_version": ".".join(str(part) for part in reader.hello.firmware_version),
+            "sample_rate_hz": reader.hello.sample_rate_hz,
+            "channels": reader.hello.channels,
+            "sample_format": reader.hello.sample_format,
+        }
+
+
 @dataclass
 class StreamSummary:
     """Totals of one streaming run, with latencies in microseconds (preprocessing + inference)."""
@@ -264,6 +380,13 @@ class StreamSummary:
     latency_p99_us: float | None = None
     stop_reason: str = ""
     duration_s: float = 0.0
+    # Binary framing only: accepted frames, lost sample instants, the decoder's counters
+    # and the device's hello.
+    framing: str = "text"
+    frames: int = 0
+    samples_lost: int = 0
+    link: dict = field(default_factory=dict)
+    device: dict | None = None
 
     @property
     def skipped_total(self) -> int:
@@ -278,6 +401,16 @@ class StreamSummary:
         latency = "n/a"
         if self.latency_p50_us is not None:
             latency = f"p50 {self.latency_p50_us:.0f} us, p99 {self.latency_p99_us:.0f} us"
+        if self.framing == "binary":
+            link = self.link
+            return (
+                f"stream summary ({self.port}, binary frames, stopped: {self.stop_reason}): "
+                f"{self.windows} windows, {self.anomalies} anomalies, {self.frames} frames accepted, "
+                f"{link.get('frames_missed', 0)} frames and {self.samples_lost} samples lost, "
+                f"{link.get('crc_failures', 0)} CRC failures, {link.get('bytes_discarded', 0)} bytes "
+                f"discarded, {link.get('device_restarts', 0)} device restarts, {self.bytes_read} bytes "
+                f"in {self.duration_s:.1f} s, latency {latency}"
+            )
         return (
             f"stream summary ({self.port}, {self.mode} mode, stopped: {self.stop_reason}): "
             f"{self.windows} windows, {self.anomalies} anomalies, {self.lines_read} lines read, "
@@ -359,7 +492,7 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
                 hop: int | None = None, baudrate: int = DEFAULT_BAUDRATE, max_windows: int | None = None,
                 idle_timeout_s: float | None = None, on_window=None, on_open: Callable[[], None] | None = None,
                 max_line_bytes: int | None = None, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-                summary_stream: TextIO | None = sys.stderr) -> StreamSummary:
+                summary_stream: TextIO | None = sys.stderr, framing: str = "auto") -> StreamSummary:
     """Score every window read from a serial port until the stream stops, and return the totals.
 
     Parameters
@@ -394,6 +527,12 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
         Serial read timeout: the granularity of ``idle_timeout_s``.
     summary_stream : text stream or None, default=sys.stderr
         Where the summary is printed at the end; None prints nothing.
+    framing : {"auto", "text", "binary"}, default="auto"
+        Text lines, binary COBS frames, or detect which from the first bytes. With binary
+        frames each window record also holds ``sample_index`` (the device sample index of
+        its first sample) and ``samples_lost`` (the running total), windows are cut every
+        ``hop`` samples of the device index (every ``window_length`` in beat mode), and
+        the device's hello sets the sample rate.
 
     Returns
     -------
@@ -414,7 +553,9 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
     if max_windows is not None and max_windows < 1:
         raise InvalidInputError(f"max_windows must be at least 1, got {max_windows}")
     received_length, hop = resolve_windowing(detector.bundle.task, mode, window_length, hop)
-    reader = WindowReader(mode, received_length, hop, max_line_bytes)
+    # An explicit window length is in device samples, so it is not rescaled by the hello's rate.
+    model_rate = detector.bundle.task.get("sample_rate_hz") if window_length is None else None
+    reader = make_reader(framing, mode, received_length, hop, max_line_bytes, model_rate)
     emit = make_emitter(on_window)
     summary = StreamSummary(port=port, mode=mode)
     latencies: deque = deque(maxlen=LATENCY_HISTORY)
@@ -429,14 +570,18 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
             latencies.append(latency_us)
             is_anomaly = score > detector.threshold
             summary.anomalies += int(is_anomaly)
+            record = {
+                "index": summary.windows,
+                "score": score,
+                "is_anomaly": bool(is_anomaly),
+                "threshold": detector.threshold,
+                "latency_us": round(latency_us, 1),
+            }
+            window_records = getattr(getattr(reader, "active", reader), "window_records", None)
+            if window_records:
+                record.update(window_records.popleft())
             if emit is not None:
-                emit({
-                    "index": summary.windows,
-                    "score": score,
-                    "is_anomaly": bool(is_anomaly),
-                    "threshold": detector.threshold,
-                    "latency_us": round(latency_us, 1),
-                })
+                emit(record)
             summary.windows += 1
             if max_windows is not None and summary.windows >= max_windows:
                 return False
@@ -444,8 +589,9 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
 
     handle = open_port(port, baudrate, read_timeout_s)
     logger.info(
-        "streaming %s in %s mode: window_length=%d, hop=%s, detector %s (%s)",
-        port, mode, received_length, hop if mode == "samples" else "-", detector.name, detector.precision,
+        "streaming %s in %s mode (%s framing): window_length=%d, hop=%s, detector %s (%s)",
+        port, mode, framing, received_length, hop if mode == "samples" else "-", detector.name,
+        detector.precision,
     )
     started = time.monotonic()
     try:
@@ -455,9 +601,7 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
     finally:
         handle.close()
         summary.duration_s = time.monotonic() - started
-        summary.lines_read = reader.parser.lines_read
-        summary.bytes_read = reader.parser.bytes_read
-        summary.skipped = dict(reader.parser.skipped)
+        record_reader_totals(summary, reader)
         if latencies:
             values = np.fromiter(latencies, dtype=np.float64)
             summary.latency_p50_us = float(np.percentile(values, 50))
