@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     device = subparsers.add_parser("device", help="run a bundle on the device: stream or calibrate",
                                    description="Device-side commands (numpy, onnxruntime and pyserial only).")
     add_device_commands(device.add_subparsers(dest="device_command", required=True))
+
+    from anomalyforge.firmware_bridge.cli import add_bridge_commands
+
+    bridge = subparsers.add_parser(
+        "bridge", help="firmware bridge: simulated firmware on a pty, C reference sources",
+        description="Binary serial protocol tools (numpy, cobs and the standard library only).",
+    )
+    add_bridge_commands(bridge.add_subparsers(dest="bridge_command", required=True))
     return parser
 
 

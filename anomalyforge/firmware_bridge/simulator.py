@@ -13,6 +13,9 @@ design, both checked on Linux 6.18 with pyserial 3.5:
   returned no data ...")``. :meth:`PtySerialDevice.close` therefore first waits until the
   slave's input queue is empty (``FIONREAD`` on the simulator's own slave descriptor), so
   every line written reaches the host before it sees the disconnect.
+
+:meth:`PtySerialDevice.play_lines` writes text lines; :meth:`PtySerialDevice.play_chunks`
+writes arbitrary byte chunks (binary frames) on a time schedule.
 """
 
 from __future__ import annotations
@@ -73,7 +76,10 @@ class PtySerialDevice:
     port : str
         Slave path for the host, for example ``/dev/pts/7``.
     lines_written, bytes_written : int
-        Totals written to the pty so far.
+        Items (lines or chunks) and bytes written to the pty so far.
+    chunks_skipped : int
+        Chunks :meth:`play_chunks` skipped with ``overflow="drop"`` because the host was
+        not reading.
     """
 
     def __init__(self, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S):
@@ -85,6 +91,7 @@ class PtySerialDevice:
         self.drain_timeout_s = drain_timeout_s
         self.lines_written = 0
         self.bytes_written = 0
+        self.chunks_skipped = 0
         self.host_ready = threading.Event()
         self.finished_writing = threading.Event()
         self.finished_writing.set()
@@ -125,23 +132,55 @@ class PtySerialDevice:
             Call :meth:`close` after the last line, which waits until the host has read
             everything and then disconnects: the host sees the end of the stream.
         """
+        encoded = [as_line(line) for line in lines]
+        send_times = [number * interval_s for number in range(len(encoded))]
+        self.start_writer(encoded, send_times, wait_for_host, host_timeout_s, close_when_done, "wait")
+
+    def play_chunks(self, chunks: Iterable[bytes], send_times_s: Iterable[float] | None = None,
+                    wait_for_host: bool = True, host_timeout_s: float = DEFAULT_HOST_TIMEOUT_S,
+                    close_when_done: bool = False, overflow: str = "wait") -> None:
+        """Write byte chunks (for example binary frames) from a background thread.
+
+        Parameters
+        ----------
+        chunks : iterable of bytes
+            Written unchanged, in order.
+        send_times_s : iterable of float, optional
+            Time of each chunk in seconds after playback starts, non-decreasing; a chunk
+            that is due is written at once. Default: all at once.
+        wait_for_host, host_timeout_s, close_when_done
+            As for :meth:`play_lines`.
+        overflow : {"wait", "drop"}, default="wait"
+            What to do when the pty cannot take a chunk because the host is not reading:
+            wait, or skip the chunk after one poll interval the way firmware with a full
+            transmit buffer drops a frame (counted in :attr:`chunks_skipped`).
+        """
+        if overflow not in ("wait", "drop"):
+            raise ValueError(f"overflow must be 'wait' or 'drop', got {overflow!r}")
+        chunks = [bytes(chunk) for chunk in chunks]
+        send_times = [0.0] * len(chunks) if send_times_s is None else [float(time_s) for time_s in send_times_s]
+        if len(send_times) != len(chunks):
+            raise ValueError(f"got {len(send_times)} send times for {len(chunks)} chunks; pass one per chunk")
+        self.start_writer(chunks, send_times, wait_for_host, host_timeout_s, close_when_done, overflow)
+
+    def start_writer(self, chunks: list[bytes], send_times: list[float], wait_for_host: bool,
+                     host_timeout_s: float, close_when_done: bool, overflow: str) -> None:
         if self.writer is not None and self.writer.is_alive():
             raise RuntimeError(f"{self.port}: a playback is still running; wait_written() first")
         if self.closed:
             raise RuntimeError(f"{self.port}: the simulated device is closed")
-        encoded = [as_line(line) for line in lines]
         self.finished_writing.clear()
         self.write_error = None
         self.writer = threading.Thread(
             target=self.write_all,
-            args=(encoded, interval_s, wait_for_host, host_timeout_s, close_when_done),
+            args=(chunks, send_times, wait_for_host, host_timeout_s, close_when_done, overflow),
             name=f"pty-device-{os.path.basename(self.port)}",
             daemon=True,
         )
         self.writer.start()
 
-    def write_all(self, lines: list[bytes], interval_s: float, wait_for_host: bool,
-                  host_timeout_s: float, close_when_done: bool) -> None:
+    def write_all(self, chunks: list[bytes], send_times: list[float], wait_for_host: bool,
+                  host_timeout_s: float, close_when_done: bool, overflow: str) -> None:
         try:
             if wait_for_host and not self.host_ready.wait(host_timeout_s):
                 logger.error("%s: the host did not open the port within %.1f s; nothing written",
@@ -149,10 +188,16 @@ class PtySerialDevice:
                 return
             if self.stop_writing.is_set():
                 return
-            for number, line in enumerate(lines):
-                if number and interval_s > 0 and self.stop_writing.wait(interval_s):
+            # Send times are kept relative to the start, so pauses do not accumulate drift.
+            started = time.monotonic()
+            for chunk, send_time in zip(chunks, send_times):
+                delay = started + send_time - time.monotonic()
+                if delay > 0 and self.stop_writing.wait(delay):
                     break
-                if not self.write_bytes(line):
+                if overflow == "drop" and not self.writable_now():
+                    self.chunks_skipped += 1
+                    continue
+                if not self.write_bytes(chunk):
                     break
                 self.lines_written += 1
         except OSError as error:
@@ -162,6 +207,10 @@ class PtySerialDevice:
             self.finished_writing.set()
             if close_when_done:
                 self.close()
+
+    def writable_now(self) -> bool:
+        _, writable, _ = select.select([], [self.master_fd], [], WRITE_POLL_S)
+        return bool(writable)
 
     def write_bytes(self, data: bytes) -> bool:
         """Write all of ``data`` to the master; return False if playback was stopped first."""
