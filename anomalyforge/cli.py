@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_demo_command(subparsers)
 
+    from anomalyforge.training.report import add_report_command
+
+    add_report_command(subparsers)
+
     from anomalyforge.device.cli import add_device_commands
 
     device = subparsers.add_parser("device", help="run a bundle on the device: stream or calibrate",

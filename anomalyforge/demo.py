@@ -27,6 +27,7 @@ from anomalyforge.training.experiment import (
 )
 from anomalyforge.training.fitting import score_windows
 from anomalyforge.training.generators import one_hot_conditions
+from anomalyforge.training.report import REPORT_DIR, build_report, save_report_inputs
 from anomalyforge.training.splits import few_shot_split
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ DEFAULT_DETECTOR = "autoencoder"
 CLASSIFIERS = ("classifier_synthetic", "classifier_real")
 DECODER_NAME = "decoder"
 SEED_METRICS = ("roc_auc", "pr_auc", "recall", "fpr")
-DEMO_OUTPUTS = ("bundle", "device-bundle", "bundle.zip", "metrics.json", "local_normals.txt")
+DEMO_OUTPUTS = ("bundle", "device-bundle", "bundle.zip", "metrics.json", "local_normals.txt",
+                "report_inputs.npz", "report")
 
 
 @dataclass
@@ -258,14 +260,24 @@ def run_demo(config: DemoConfig) -> dict:
     remove_previous_outputs(run_dir)
     bundle_dir = run_dir / "bundle"
     experiment = ExperimentConfig(n_synthetic=config.n_synthetic, target_fpr=config.target_fpr)
-    timer = StepTimer(n_steps=9)
+    timer = StepTimer(n_steps=10)
 
     train, test = timer.run("load embedded ECG5000", load_ecg5000)
     split = timer.run("few-shot split", lambda: prepare(few_shot_split(train, test, config.k, seed=config.seed)))
     detectors = timer.run("autoencoder and PCA baseline", train_unsupervised, split, experiment, config.seed)
-    generator, synthetic, _ = timer.run("CVAE generator", train_generator, split, experiment, config.seed)
+    generator, synthetic, synthetic_classes = timer.run("CVAE generator", train_generator, split, experiment,
+                                                        config.seed)
     detectors.update(timer.run("classifiers with and without synthetic anomalies", train_classifiers,
                                split, synthetic, experiment, config.seed))
+    save_report_inputs(
+        run_dir, normals=split.normal_all, anomalies=split.anomalies, anomaly_classes=split.anomaly_classes,
+        synthetic={"cvae": (synthetic, synthetic_classes)}, test_x=split.test.x, test_y=split.test.y,
+        normal_class=split.normal_class,
+        detector_test_scores={name: detector.test_scores for name, detector in detectors.items()},
+        detector_thresholds={name: detector.threshold.value for name, detector in detectors.items()},
+        detector_synthetic_scores={"cvae": {name: score_windows(detector.module, synthetic)
+                                            for name, detector in detectors.items()}},
+    )
     per_seed = timer.run(f"classifier comparison over {config.n_seeds} seeds", run_seed_comparison,
                          train, test, config, experiment, detectors)
 
@@ -297,6 +309,7 @@ def run_demo(config: DemoConfig) -> dict:
         detectors[DEFAULT_DETECTOR].threshold.value,
     )
 
+    quality_report = timer.run("synthetic-data quality report", build_report, run_dir)
     metrics = {
         "anomalyforge_version": __version__,
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
@@ -318,6 +331,10 @@ def run_demo(config: DemoConfig) -> dict:
                    "zip_bytes": zip_path.stat().st_size, "device_copy": str(device_dir)},
         "streaming": streaming,
         "device_calibration": calibration,
+        "quality_report": {
+            "dir": str(run_dir / REPORT_DIR),
+            "flags": {name: entry["flags"] for name, entry in quality_report["generators"].items()},
+        },
         "step_seconds": timer.durations,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -391,5 +408,8 @@ def format_summary(metrics: dict) -> str:
             recall = "n/a" if entry["recall"] is None else f"{entry['recall']:.3f}"
             lines.append(f"  streamed beats with the {key.replace('_', ' ')} {entry['value']:.4f}: "
                          f"FPR {fpr}, recall {recall}")
+    report = metrics["quality_report"]
+    flags = "; ".join(f"{name}: {', '.join(found) or 'none'}" for name, found in report["flags"].items())
+    lines.append(f"Synthetic-data quality report: {report['dir']}/report.html (flags: {flags})")
     lines.append(f"Total time {metrics['total_seconds']:.0f} s")
     return "\n".join(lines)

@@ -102,10 +102,11 @@ def test_malformed_lines_skipped(detector, test_beats):
     ]
     records, summary = stream_lines(detector, lines)
 
-    assert summary.skipped == {"wrong_count": 1, "non_finite": 1, "non_numeric": 1, "too_long": 1}
+    assert summary.skipped == {"wrong_count": 1, "non_finite": 1, "non_numeric": 1, "too_long": 1, "empty": 1}
     accepted = good[[0, 2, 3, 4, 5]]
     assert summary.windows == len(accepted)
     assert summary.lines_read == len(lines)
+    assert summary.windows + summary.skipped_total == summary.lines_read
     streamed = np.array([record["score"] for record in records])
     np.testing.assert_allclose(streamed, detector.score(accepted), rtol=0, atol=1e-5)
 
@@ -259,3 +260,20 @@ def test_cli_stream_over_socket_url(tiny_bundle, detector, test_beats, tmp_path)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 20
     np.testing.assert_allclose([row["score"] for row in rows], detector.score(test_beats[:20]), atol=1e-5)
+
+
+def test_parser_empty_field_is_non_numeric():
+    parser = LineParser(values_per_line=4)
+
+    accepted = parser.feed(b"1,2,,3\n")
+
+    assert accepted == []
+    assert dict(parser.skipped) == {"non_numeric": 1}
+
+
+def test_parser_text_with_wrong_count_is_non_numeric():
+    parser = LineParser(values_per_line=140)
+
+    parser.feed(b"hello world garbage !!\n")
+
+    assert dict(parser.skipped) == {"non_numeric": 1}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -140,6 +141,9 @@ def run_stream(args: argparse.Namespace) -> int:
     detector = DeviceDetector.from_bundle(args.bundle, name=args.detector, precision=args.precision,
                                           threads=args.threads)
     output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    # A service manager stops the stream with SIGTERM: treat it like Ctrl-C so the summary
+    # is printed and the output file is closed.
+    previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         stream_port(
             detector, args.port, mode=args.mode, window_length=args.window_length, hop=args.hop,
@@ -147,9 +151,14 @@ def run_stream(args: argparse.Namespace) -> int:
             on_window=output, framing=args.framing,
         )
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         if output is not sys.stdout:
             output.close()
     return 0
+
+
+def raise_keyboard_interrupt(signal_number, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

@@ -48,7 +48,9 @@ FRAMINGS = ("text", "binary", "auto")
 AUTO_DETECT_MAX_BYTES = 2048
 TEXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
 SKIP_REASONS = ("wrong_count", "non_numeric", "non_finite", "too_long", "incomplete")
-FIELD_SEPARATORS = re.compile(r"[,;\s]+")
+# A comma or semicolon (with optional spaces around it) or a run of whitespace separates two
+# values, so "1,,2" keeps its empty field and is rejected instead of read as two values.
+FIELD_SEPARATORS = re.compile(r"\s*[,;]\s*|\s+")
 # Bytes allowed per value when the line limit is derived from the values per line: enough
 # for "-1.2345678901234567e-05," with room to spare.
 BYTES_PER_VALUE = 32
@@ -77,6 +79,14 @@ def import_pyserial():
 
 def default_max_line_bytes(values_per_line: int) -> int:
     return max(MIN_MAX_LINE_BYTES, BYTES_PER_VALUE * values_per_line)
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class LineParser:
@@ -134,7 +144,9 @@ class LineParser:
             return
         self.pending += tail
         if len(self.pending) > self.max_line_bytes:
-            self.reject("too_long", f"over {self.max_line_bytes} bytes without a newline")
+            # The line has no newline yet, so it is the one after the last complete line.
+            self.reject("too_long", f"over {self.max_line_bytes} bytes without a newline",
+                        line_number=self.lines_read + 1)
             self.pending.clear()
             self.discarding = True
 
@@ -152,33 +164,37 @@ class LineParser:
             self.reject("non_numeric", f"non-ASCII bytes {line[:40]!r}")
             return None
         if not text:
+            self.reject("empty", "no values")
             return None
-        fields = [item for item in FIELD_SEPARATORS.split(text) if item]
-        if len(fields) != self.values_per_line:
-            self.reject("wrong_count", f"{len(fields)} values, expected {self.values_per_line}")
-            return None
+        fields = FIELD_SEPARATORS.split(text)
         try:
             values = np.array(fields, dtype=np.float64)
         except ValueError:
-            self.reject("non_numeric", f"{text[:60]!r}")
+            bad = next(index for index, field in enumerate(fields) if not is_number(field))
+            self.reject("non_numeric", f"field {bad + 1} is {fields[bad][:30]!r} in {text[:60]!r}")
+            return None
+        if len(values) != self.values_per_line:
+            self.reject("wrong_count", f"{len(values)} values, expected {self.values_per_line}")
             return None
         if not np.all(np.isfinite(values)):
-            self.reject("non_finite", f"NaN or inf at value {int(np.argmax(~np.isfinite(values)))}")
+            self.reject("non_finite", f"NaN or inf at value {int(np.argmax(~np.isfinite(values))) + 1}")
             return None
         return values
 
-    def reject(self, reason: str, detail: str) -> None:
+    def reject(self, reason: str, detail: str, line_number: int | None = None) -> None:
+        """Count a skipped line; ``line_number`` (1-based) defaults to the last complete line."""
+        line_number = self.lines_read if line_number is None else line_number
         self.skipped[reason] += 1
         total = sum(self.skipped.values())
         if total <= SKIP_LOG_FIRST:
-            logger.warning("skipped malformed line %d (%s): %s", self.lines_read, reason, detail)
+            logger.warning("skipped malformed line %d (%s): %s", line_number, reason, detail)
             return
         self.skips_since_log += 1
         now = time.monotonic()
         if now - self.last_skip_log >= SKIP_LOG_INTERVAL_S:
             logger.warning(
                 "skipped %d more malformed lines (totals by reason: %s); last at line %d (%s): %s",
-                self.skips_since_log, dict(self.skipped), self.lines_read, reason, detail,
+                self.skips_since_log, dict(self.skipped), line_number, reason, detail,
             )
             self.last_skip_log = now
             self.skips_since_log = 0
