@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from anomalyforge.device.cli import add_device_commands
 
-    device = subparsers.add_parser("device", help="run a bundle on the device: stream or calibrate",
+    device = subparsers.add_parser("device", help="run a bundle on the device: stream, calibrate or bench",
                                    description="Device-side commands (numpy, onnxruntime and pyserial only).")
     add_device_commands(device.add_subparsers(dest="device_command", required=True))
 

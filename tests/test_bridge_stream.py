@@ -169,3 +169,16 @@ def test_bridge_cli_simulate_process(detector):
     # The host may miss the first frames while it opens the port; losses it sees are the injected ones.
     assert summary.samples_lost <= report["samples_dropped"]
     assert summary.stop_reason == "disconnected"
+
+
+def test_reset_resumes_on_beat_boundary(detector, beats):
+    # The reset cuts frame 41 of 35 samples, mid-beat: later windows must still be whole beats.
+    items = build_transmission(beats.reshape(-1), 140.0, reset_after=41, restart_alignment=140)
+    records, summary = play_and_stream(detector, items, framing="binary")
+
+    assert summary.link["device_restarts"] == 1
+    offline = detector.score(beats)
+    streamed = np.array([record["score"] for record in records])
+    distance_to_a_beat = np.min(np.abs(streamed[:, None] - offline[None, :]), axis=1)
+    assert len(streamed) > 10
+    assert np.all(distance_to_a_beat < 1e-4)

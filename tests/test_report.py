@@ -203,3 +203,13 @@ def test_command_registers_without_training_packages():
             "add_report_command(argparse.ArgumentParser().add_subparsers())\n")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 700, b"PK\x03\x04 truncated zip"])
+def test_load_report_inputs_damaged_file(tmp_path, content):
+    path = tmp_path / "report_inputs.npz"
+    path.write_bytes(content)
+
+    with pytest.raises(InvalidInputError, match="not a valid report inputs file") as raised:
+        load_report_inputs(path)
+    assert "allow_pickle" not in str(raised.value)

@@ -155,7 +155,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     plan = FaultPlan(flip_bits=args.flip_bits, drop_bytes=args.drop_bytes, drop_frames=args.drop_frames,
                      reset_after=args.reset_after, disconnect_after=args.disconnect_after, seed=args.seed)
     items = build_transmission(beats.reshape(-1), args.sample_rate, args.samples_per_frame, args.sample_format,
-                               reset_after=plan.reset_after, disconnect_after=plan.disconnect_after)
+                               reset_after=plan.reset_after, disconnect_after=plan.disconnect_after,
+                               restart_alignment=beats.shape[1])
     items, ledger = inject_faults(items, plan)
 
     with PtySerialDevice() as device:

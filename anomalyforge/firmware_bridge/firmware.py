@@ -137,7 +137,7 @@ def build_transmission(signal: np.ndarray, sample_rate_hz: float, samples_per_fr
                        sample_format: str = "float32", int16_scale: float | None = None,
                        heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
                        hello_interval_s: float = DEFAULT_HELLO_INTERVAL_S, reset_after: int | None = None,
-                       disconnect_after: int | None = None) -> list[Transmission]:
+                       disconnect_after: int | None = None, restart_alignment: int = 1) -> list[Transmission]:
     """Return the firmware's schedule for a one-channel signal.
 
     Parameters
@@ -157,12 +157,17 @@ def build_transmission(signal: np.ndarray, sample_rate_hz: float, samples_per_fr
         ends the stream unless ``disconnect_after`` cuts it first.
     reset_after, disconnect_after : int, optional
         See :class:`FaultPlan`.
+    restart_alignment : int, default=1
+        After a reset the signal resumes at the next multiple of this many samples, for
+        example the beat length, so sample index 0 of the new boot starts a whole beat.
     """
     signal = np.asarray(signal, dtype=np.float32).reshape(-1)
     if sample_rate_hz <= 0:
         raise InvalidInputError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
     if samples_per_frame < 1:
         raise InvalidInputError(f"samples_per_frame must be at least 1, got {samples_per_frame}")
+    if restart_alignment < 1:
+        raise InvalidInputError(f"restart_alignment must be at least 1, got {restart_alignment}")
     if sample_format not in ("float32", "int16"):
         raise InvalidInputError(f"sample_format must be 'float32' or 'int16', got {sample_format!r}")
     scale = 1.0
@@ -200,8 +205,8 @@ def build_transmission(signal: np.ndarray, sample_rate_hz: float, samples_per_fr
             data = chunk
         message = Samples(index, data[:, None], scale)
         if reset_after is not None and frames_sent == reset_after:
-            # Reboot in the middle of sending this frame; the next boot starts a new beat
-            # at sample index 0 with sequence number 0.
+            # Reboot in the middle of sending this frame. The next boot resumes at the next
+            # beat boundary, with sample index 0 and sequence number 0.
             frame = encoder.encode(message, 0)
             items.append(Transmission(frame[: len(frame) // 2], time_s, "truncated", 0, boot))
             boot += 1
@@ -211,6 +216,7 @@ def build_transmission(signal: np.ndarray, sample_rate_hz: float, samples_per_fr
             reset_after = None
             index = 0
             position += samples_per_frame
+            position = -(-position // restart_alignment) * restart_alignment
             continue
         send(message, time_s, "samples", len(chunk), index)
         frames_sent += 1

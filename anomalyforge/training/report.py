@@ -19,15 +19,17 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import importlib.util
 import json
 import logging
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from anomalyforge.errors import InvalidInputError
+from anomalyforge.errors import InvalidInputError, MissingDependencyError
 from anomalyforge.training import quality
 
 logger = logging.getLogger(__name__)
@@ -249,8 +251,16 @@ def load_report_inputs(path) -> ReportInputs:
             f"{path} not found; run anomalyforge demo into this run directory first, or write the file "
             "with anomalyforge.training.report.save_report_inputs"
         )
-    with np.load(path, allow_pickle=False) as archive:
-        data = {key: archive[key] for key in archive.files}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            data = {key: archive[key] for key in archive.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
+        # numpy's own message for a damaged file suggests allow_pickle=True, which would run
+        # code from an untrusted file, so it is replaced rather than passed on.
+        raise InvalidInputError(
+            f"{path} is not a valid report inputs file ({type(error).__name__}); it is damaged or was "
+            "not written by save_report_inputs. Run anomalyforge demo into this run directory again"
+        ) from None
     try:
         if int(data["format"]) != INPUTS_FORMAT:
             raise InvalidInputError(f"{path} has format {int(data['format'])}; this version reads format "
@@ -810,6 +820,15 @@ def add_report_command(subparsers) -> None:
 
 
 def run_report_command(args: argparse.Namespace) -> int:
+    for module in ("sklearn", "matplotlib"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(
+                f"the report needs {module}, which is not installed; install the training extras "
+                "with pip install 'anomalyforge[train]'"
+            )
+    if not args.run_dir.is_dir():
+        raise InvalidInputError(f"run directory {args.run_dir} not found or not a directory; pass the "
+                                "directory written by anomalyforge demo")
     for option, value, minimum in (("--permutations", args.permutations, 1), ("--max-per-set", args.max_per_set, 10),
                                    ("--nearest-k", args.nearest_k, 1), ("--embedding-samples", args.embedding_samples, 10)):
         if value < minimum:
