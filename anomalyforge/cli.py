@@ -39,6 +39,10 @@ def add_demo_command(subparsers) -> None:
     parser.add_argument("--stream-beats", type=int, default=None,
                         help="stream only N of the TEST beats that follow the calibration beats "
                              "(default: all of them, 3500 with the default --calibration-beats)")
+    parser.add_argument("--dataset", choices=["ecg5000", "mimii", "dcase", "folder"], default="ecg5000",
+                        help="data set: the embedded ECG5000 (default), or machine sounds read from --data-dir")
+    parser.add_argument("--data-dir", type=Path,
+                        help="folder of MIMII / DCASE 2020 Task 2 / labelled WAV files (machine sounds only)")
     parser.add_argument("--calibration-beats", type=int, default=1000,
                         help="the device calibrates on the normal beats among the first N TEST beats and "
                              "streams the others (default: 1000)")
@@ -54,6 +58,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
             "pip install 'anomalyforge[all]'"
         ) from error
 
+    if args.dataset != "ecg5000":
+        return run_audio_demo_command(args)
     if args.k < 1 or args.synthetic < 1 or args.seeds < 1:
         raise InvalidInputError(
             f"--k, --synthetic and --seeds must be at least 1 (got {args.k}, {args.synthetic}, {args.seeds})"
@@ -72,6 +78,22 @@ def run_demo_command(args: argparse.Namespace) -> int:
                                   stream_beats=args.stream_beats, calibration_beats=args.calibration_beats))
     print(format_summary(metrics))
     print(f"\nMetrics: {args.run_dir / 'metrics.json'}  Bundle: {metrics['bundle']['dir']}")
+    return 0
+
+
+def run_audio_demo_command(args: argparse.Namespace) -> int:
+    if args.data_dir is None:
+        raise InvalidInputError(f"--dataset {args.dataset} needs --data-dir DIR, the folder holding the WAV files")
+    try:
+        from anomalyforge.audio_demo import format_audio_summary, run_audio_demo
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"the audio demo needs the training extras ({error}); install them with pip install 'anomalyforge[all]'"
+        ) from error
+    run_dir = Path("runs/audio-demo") if args.run_dir == Path("runs/demo") else args.run_dir
+    metrics = run_audio_demo(args.dataset, args.data_dir, run_dir, seed=args.seed)
+    print(format_audio_summary(metrics))
+    print(f"\nMetrics: {run_dir / 'metrics.json'}")
     return 0
 
 

@@ -14,8 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from anomalyforge.bundle import Bundle, load_bundle, set_threshold
-from anomalyforge.device.backends import OnnxRuntimeBackend
-from anomalyforge.device.detector import DeviceDetector, format_key
+from anomalyforge.device.detector import DeviceDetector, format_key, make_backend, resolve_backend
 from anomalyforge.errors import BundleError, InvalidInputError
 from anomalyforge.signal import check_windows, resample_beat
 from anomalyforge.thresholds import calibrate_threshold, min_normals_for
@@ -37,12 +36,13 @@ def find_decoder(bundle: Bundle) -> tuple[str, dict]:
 
 
 def generate_anomalies(bundle: Bundle, n_generated: int, seed: int, precision: str = "fp32",
-                       threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Generate anomalous beats with the bundle's decoder through onnxruntime.
+                       threads: int = 1, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Generate anomalous beats with the bundle's decoder through onnxruntime or LiteRT.
 
     Latent vectors are drawn from N(0, 1) with ``numpy.random.default_rng(seed)``, and the
     conditions cycle through the decoder's classes, so each class gets ``n_generated //
-    n_classes`` beats and the first ``n_generated % n_classes`` classes one more.
+    n_classes`` beats and the first ``n_generated % n_classes`` classes one more. ``backend`` ("onnxruntime",
+    "litert" or None for the first installed one with a decoder file) runs the decoder.
 
     Returns
     -------
@@ -60,14 +60,22 @@ def generate_anomalies(bundle: Bundle, n_generated: int, seed: int, precision: s
             f"'latent_dim' in the manifest (got classes={classes!r}, latent_dim={latent_dim!r}); re-export the bundle"
         )
     formats = model.get("formats", {})
-    key = format_key(precision)
+    if not formats:
+        raise BundleError(f"decoder {name!r} in {bundle.source} lists no model files")
+    backend_name = resolve_backend(formats, backend, bundle.source)
+    key = format_key(precision, backend_name)
     if key not in formats:
-        key = next(iter(sorted(formats)), None)
-        if key is None:
-            raise BundleError(f"decoder {name!r} in {bundle.source} lists no model files")
-        logger.warning("decoder %s has no onnx-%s file, so %s is used", name, precision, key)
+        prefix = key.split("-")[0] + "-"
+        candidates = sorted(candidate for candidate in formats if candidate.startswith(prefix))
+        if not candidates:
+            raise BundleError(
+                f"decoder {name!r} in {bundle.source} has no file for the {backend_name} backend "
+                f"(files: {sorted(formats)}); choose the other backend or re-export the bundle"
+            )
+        logger.warning("decoder %s has no %s file, so %s is used", name, key, candidates[0])
+        key = candidates[0]
     entry = formats[key]
-    backend = OnnxRuntimeBackend(bundle.path_of(entry), entry, threads=threads)
+    backend = make_backend(backend_name, bundle.path_of(entry), entry, threads=threads)
     window_length = int(bundle.task["window_length"])
 
     rng = np.random.default_rng(seed)
@@ -114,7 +122,7 @@ def fit_length(windows, window_length: int) -> np.ndarray:
 def calibrate_bundle(bundle_dir, normal_windows, detector: str | None = None, precision: str = "int8",
                      n_generated: int = 1000, target_fpr: float = 0.01, seed: int = 0,
                      input_description: str = "normal windows passed by the caller",
-                     decoder_precision: str = "fp32", threads: int = 1) -> dict:
+                     decoder_precision: str = "fp32", threads: int = 1, backend: str | None = None) -> dict:
     """Set a detector's threshold from normal windows recorded on the device and write it.
 
     Steps: score the normal windows, generate ``n_generated`` anomalies with the bundle's
@@ -146,7 +154,10 @@ def calibrate_bundle(bundle_dir, normal_windows, detector: str | None = None, pr
     decoder_precision : {"fp32", "int8"}, default="fp32"
         Decoder file used for generation.
     threads : int, default=1
-        onnxruntime intra-op threads.
+        Intra-op threads of the runtime.
+    backend : {"onnxruntime", "litert"} or None, default=None
+        Runtime for the detector and the decoder. None picks the first installed one with
+        a file for the detector; the decoder then uses the same runtime.
 
     Returns
     -------
@@ -175,7 +186,7 @@ def calibrate_bundle(bundle_dir, normal_windows, detector: str | None = None, pr
     if n_generated < 0:
         raise InvalidInputError(f"n_generated must be 0 or more, got {n_generated}")
     scorer = DeviceDetector.from_bundle(bundle, name=detector, precision=precision, threads=threads,
-                                        warn_on_threshold_mismatch=False)
+                                        warn_on_threshold_mismatch=False, backend=backend)
 
     # 1. Score the local normal windows.
     normals = fit_length(normal_windows, scorer.window_length)
@@ -190,7 +201,8 @@ def calibrate_bundle(bundle_dir, normal_windows, detector: str | None = None, pr
 
     # 2. Generate anomalies with the decoder on this device and score them the same way.
     if n_generated > 0:
-        beats, labels = generate_anomalies(bundle, n_generated, seed, decoder_precision, threads)
+        beats, labels = generate_anomalies(bundle, n_generated, seed, decoder_precision, threads,
+                                           backend=scorer.backend_name)
         generated_scores = scorer.score(beats)
     else:
         labels = np.zeros(0)
@@ -208,6 +220,7 @@ def calibrate_bundle(bundle_dir, normal_windows, detector: str | None = None, pr
     record["calibration"] = {
         "input": input_description,
         "precision": precision,
+        "backend": scorer.backend_name,
         "n_normals": int(len(normals)),
         "n_generated": int(n_generated),
         "seed": int(seed),

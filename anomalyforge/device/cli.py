@@ -22,8 +22,9 @@ from anomalyforge.device.bench import (
     format_report,
     run_bench,
 )
+from anomalyforge.device.audio import AGGREGATIONS, is_audio_bundle
 from anomalyforge.device.calibrate import calibrate_bundle
-from anomalyforge.device.detector import PRECISIONS, DeviceDetector
+from anomalyforge.device.detector import BACKENDS, PRECISIONS, DeviceDetector
 from anomalyforge.device.stream import (
     DEFAULT_BAUDRATE,
     FRAMINGS,
@@ -59,8 +60,12 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", metavar="NAME",
                         help="detector in the bundle (default: the manifest's default_detector)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="which ONNX file to run (default: the precision the detector's threshold "
+                        help="which model file to run (default: the precision the detector's threshold "
                              "was set with: fp32 for a workstation threshold)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="runtime: 'onnxruntime' runs the onnx-* files, 'litert' the tflite-* files "
+                             "(default: the first of these that is installed and has a file for the "
+                             "detector)")
     parser.add_argument("--mode", choices=MODES, default="beat",
                         help="'beat': one window of window-length values per line; 'samples': one "
                              "sample per line, cut into windows (default: %(default)s)")
@@ -76,7 +81,7 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=positive_float, metavar="S",
                         help="stop after S seconds without received data (default: wait forever)")
     parser.add_argument("--threads", type=positive_int, default=1,
-                        help="onnxruntime intra-op threads (default: %(default)s)")
+                        help="intra-op threads of the runtime (default: %(default)s)")
 
 
 def add_device_commands(subparsers) -> None:
@@ -134,12 +139,17 @@ def add_device_commands(subparsers) -> None:
     calibrate.set_defaults(handler=run_calibrate)
 
     add_bench_command(subparsers)
+    add_replay_command(subparsers)
+    add_segment_options(stream)
+    add_audio_calibrate_options(calibrate)
 
 
 def run_stream(args: argparse.Namespace) -> int:
     """Run ``device stream`` and return the exit code (0 after any normal stop)."""
     detector = DeviceDetector.from_bundle(args.bundle, name=args.detector, precision=args.precision,
-                                          threads=args.threads)
+                                          threads=args.threads, backend=args.backend)
+    if is_audio_bundle(detector.bundle):
+        return run_audio_stream(args, detector)
     output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     # A service manager stops the stream with SIGTERM: treat it like Ctrl-C so the summary
     # is printed and the output file is closed.
@@ -169,7 +179,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
             "needs a bundle directory; unzip the bundle and pass the directory"
         )
     detector = DeviceDetector.from_bundle(args.bundle, name=args.detector, precision=args.precision,
-                                          threads=args.threads, warn_on_threshold_mismatch=False)
+                                          threads=args.threads, warn_on_threshold_mismatch=False,
+                                          backend=args.backend)
+    if is_audio_bundle(detector.bundle):
+        return run_audio_calibrate(args, detector)
     length, hop = resolve_windowing(detector.bundle.task, args.mode, args.window_length, args.hop)
     if args.port is not None:
         if args.windows is None:
@@ -186,7 +199,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     report = calibrate_bundle(
         args.bundle, windows, detector=detector.name, precision=detector.precision,
         n_generated=args.generated, target_fpr=args.target_fpr, seed=args.seed,
-        input_description=description, threads=args.threads,
+        input_description=description, threads=args.threads, backend=detector.backend_name,
     )
     print(json.dumps(report, indent=2))
     return 0
@@ -251,4 +264,151 @@ def run_bench_command(args: argparse.Namespace) -> int:
             json.dump(report, handle, indent=2)
             handle.write("\n")
         logger.info("wrote the benchmark report to %s", args.json)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Audio bundles: WAV replay, serial PCM samples and calibration from WAV files.
+
+
+def channel_option(text: str) -> int | str:
+    if text == "mean":
+        return text
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a channel index >= 0 or 'mean', got {text}")
+    return value
+
+
+def add_segment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--segment-frames", type=positive_int, metavar="N",
+                        help="audio bundles: feature vectors per scored segment (one vector per 512 "
+                             "samples; default: the bundle's task.segment_frames)")
+    parser.add_argument("--segment-hop", type=positive_int, metavar="N",
+                        help="audio bundles: vectors between segment starts (default: --segment-frames, "
+                             "no overlap)")
+    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="mean",
+                        help="audio bundles: segment score = mean or max of the vector scores "
+                             "(default: %(default)s)")
+
+
+def add_replay_command(subparsers) -> None:
+    """Register ``device replay``: score a WAV file with an audio bundle."""
+    replay = subparsers.add_parser(
+        "replay",
+        help="score a WAV file with an audio bundle, at real speed or faster",
+        description="Read a WAV file, compute the bundle's log-mel features block by block as a "
+                    "stream would, and write one JSON line per segment (index, start_s, vectors, "
+                    "score, is_anomaly, threshold). Without --segment-frames the whole file is one "
+                    "clip. Prints a summary with the real-time factor to stderr.",
+    )
+    replay.add_argument("--bundle", required=True, metavar="DIR", help="audio bundle directory or .zip")
+    replay.add_argument("--detector", metavar="NAME",
+                        help="detector in the bundle (default: the manifest's default_detector)")
+    replay.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="model precision (default: the precision of the detector's threshold)")
+    replay.add_argument("--wav", required=True, metavar="FILE", help="WAV file at the bundle's sample rate")
+    replay.add_argument("--speed", type=positive_float, metavar="X",
+                        help="playback speed relative to real time, 1 = real time (default: as fast as "
+                             "possible)")
+    replay.add_argument("--channel", type=channel_option, default=0,
+                        help="channel of a multi-channel file, or 'mean' (default: %(default)s)")
+    replay.add_argument("--gain-db", type=float, metavar="DB",
+                        help="gain applied to the samples (default: the gain stored by the last device "
+                             "calibration, else 0)")
+    replay.add_argument("--threads", type=positive_int, default=1,
+                        help="intra-op threads of the runtime (default: %(default)s)")
+    add_segment_options(replay)
+    replay.add_argument("--output", metavar="FILE", help="write the JSON lines to FILE instead of standard output")
+    replay.set_defaults(handler=run_replay)
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """Run ``device replay`` and return the exit code."""
+    from anomalyforge.device.audio import replay_wav, write_json_line
+
+    detector = DeviceDetector.from_bundle(args.bundle, name=args.detector, precision=args.precision,
+                                          threads=args.threads)
+    output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        summary = replay_wav(detector, args.wav, speed=args.speed, channel=args.channel,
+                             segment_frames=args.segment_frames, hop_frames=args.segment_hop,
+                             aggregation=args.aggregation, gain_db=args.gain_db,
+                             on_segment=write_json_line(output))
+    finally:
+        if output is not sys.stdout:
+            output.close()
+    print(summary.format(), file=sys.stderr)
+    return 0
+
+
+def run_audio_stream(args: argparse.Namespace, detector) -> int:
+    """Run ``device stream`` for an audio bundle: one 16-bit PCM sample per text line."""
+    from anomalyforge.device.audio import stream_audio_port, write_json_line
+
+    if args.mode != "samples":
+        raise InvalidInputError(
+            f"an audio bundle reads one 16-bit PCM sample per line; pass --mode samples (got --mode {args.mode})"
+        )
+    output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        summary = stream_audio_port(
+            detector, args.port, baudrate=args.baudrate, segment_frames=getattr(args, "segment_frames", None),
+            hop_frames=getattr(args, "segment_hop", None), aggregation=getattr(args, "aggregation", "mean"),
+            max_segments=args.max_windows, idle_timeout_s=args.idle_timeout, on_segment=write_json_line(output),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if output is not sys.stdout:
+            output.close()
+    print(summary.format(), file=sys.stderr)
+    return 0
+
+
+def add_audio_calibrate_options(calibrate: argparse.ArgumentParser) -> None:
+    """Options of ``device calibrate`` that only audio bundles use."""
+    add_segment_options(calibrate)
+    calibrate.add_argument("--channel", type=channel_option, default=0,
+                           help="audio bundles: channel of multi-channel WAV files, or 'mean' "
+                                "(default: %(default)s)")
+    calibrate.add_argument("--no-match-level", action="store_true",
+                           help="audio bundles: do not correct the sensor gain from the level of the "
+                                "normal recordings (by default the gain that brings their mean log-mel "
+                                "level to the training level is stored and applied)")
+
+
+def run_audio_calibrate(args: argparse.Namespace, detector) -> int:
+    """Run ``device calibrate`` for an audio bundle from WAV files (--input) or a serial port."""
+    from anomalyforge.device.audio import (
+        audio_step,
+        bundle_segment_frames,
+        calibrate_audio_bundle,
+        collect_audio_port,
+        read_audio,
+    )
+
+    rate = audio_step(detector.bundle)["sample_rate_hz"]
+    if args.port is not None:
+        if args.windows is None:
+            raise InvalidInputError("--port needs --windows N, the number of normal segments to record")
+        segment = args.segment_frames or bundle_segment_frames(detector.bundle) or 1
+        seconds = (args.windows * segment + 6) * 512 / rate
+        recordings = [collect_audio_port(args.port, seconds, rate, baudrate=args.baudrate,
+                                         idle_timeout_s=args.idle_timeout)]
+        description = f"serial port {args.port} ({len(recordings[0]) / rate:.1f} s of audio)"
+    else:
+        source = Path(args.input)
+        paths = sorted(source.glob("*.wav")) if source.is_dir() else [source]
+        if not paths:
+            raise InvalidInputError(f"no .wav files in {source}; pass a WAV file or a folder of WAV files")
+        recordings = [read_audio(path, rate, args.channel) for path in paths]
+        description = f"{len(paths)} WAV file(s) from {source}"
+    report = calibrate_audio_bundle(
+        args.bundle, recordings, detector=detector.name, precision=detector.precision,
+        target_fpr=args.target_fpr, segment_frames=args.segment_frames, hop_frames=args.segment_hop,
+        aggregation=args.aggregation, match_level=not args.no_match_level, n_generated=args.generated,
+        seed=args.seed, input_description=description, threads=args.threads,
+    )
+    print(json.dumps(report, indent=2))
     return 0

@@ -1,4 +1,4 @@
-"""Score windows on the device with a bundle's detector (numpy and onnxruntime only)."""
+"""Score windows on the device with a bundle's detector (numpy plus onnxruntime or a TFLite runtime)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,73 @@ import numpy as np
 
 from anomalyforge.bundle import Bundle, load_bundle
 from anomalyforge.device.backends import OnnxRuntimeBackend
-from anomalyforge.errors import BundleError, InvalidInputError
+from anomalyforge.errors import BundleError, InvalidInputError, MissingDependencyError
 from anomalyforge.signal import apply_preprocessing, check_windows
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("int8", "fp32")
+# Device runtimes and the prefix of the manifest format keys each one runs.
+BACKENDS = ("onnxruntime", "litert")
+BACKEND_FORMAT_PREFIXES = {"onnxruntime": "onnx", "litert": "tflite"}
 
 
-def format_key(precision: str) -> str:
-    """Return the manifest format key (``onnx-int8`` or ``onnx-fp32``) for ``precision``."""
+def format_key(precision: str, backend: str = "onnxruntime") -> str:
+    """Return the manifest format key for ``precision`` on ``backend`` (``onnx-int8``, ``tflite-fp32``, ...)."""
     if precision not in PRECISIONS:
         raise InvalidInputError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    return f"onnx-{precision}"
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return f"{BACKEND_FORMAT_PREFIXES[backend]}-{precision}"
+
+
+def backend_available(backend: str) -> bool:
+    """Return True if the runtime of ``backend`` can be imported on this host."""
+    try:
+        if backend == "onnxruntime":
+            from anomalyforge.device.backends import import_onnxruntime
+
+            import_onnxruntime()
+        else:
+            from anomalyforge.device.tflite_backend import import_tflite_interpreter
+
+            import_tflite_interpreter()
+    except MissingDependencyError:
+        return False
+    return True
+
+
+def resolve_backend(formats: dict, backend: str | None, source) -> str:
+    """Return ``backend``, or the first of BACKENDS that is installed and has a file in ``formats``.
+
+    Raises
+    ------
+    BundleError
+        If ``backend`` is None and no installed runtime has a file in ``formats``.
+    """
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise InvalidInputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        return backend
+    present = [name for name in BACKENDS
+               if any(key.startswith(BACKEND_FORMAT_PREFIXES[name] + "-") for key in formats)]
+    for name in present:
+        if backend_available(name):
+            return name
+    raise BundleError(
+        f"no installed runtime can run the model files {sorted(formats)} of {source}; install "
+        "onnxruntime for onnx-* files (pip install 'anomalyforge[device]') or ai-edge-litert for "
+        "tflite-* files (pip install 'anomalyforge[tflite]')"
+    )
+
+
+def make_backend(backend: str, path, entry: dict, threads: int = 1):
+    """Create the inference backend (OnnxRuntimeBackend or TFLiteBackend) for one model file."""
+    if backend == "litert":
+        from anomalyforge.device.tflite_backend import TFLiteBackend
+
+        return TFLiteBackend(path, entry, threads=threads)
+    return OnnxRuntimeBackend(path, entry, threads=threads)
 
 
 def threshold_precision(threshold: dict | None) -> str | None:
@@ -64,7 +118,9 @@ class DeviceDetector:
     name : str
         Detector name in the manifest.
     precision : {"int8", "fp32"}
-        Which ONNX file is loaded.
+        Which model file is loaded.
+    backend_name : {"onnxruntime", "litert"}
+        The runtime that runs it.
     window_length : int
         Samples per window the model takes (``task.window_length``).
     threshold : float or None
@@ -76,8 +132,9 @@ class DeviceDetector:
         The manifest preprocessing steps applied to every window before the model.
     """
 
-    def __init__(self, bundle: Bundle, name: str, precision: str, backend: OnnxRuntimeBackend):
+    def __init__(self, bundle: Bundle, name: str, precision: str, backend, backend_name: str = "onnxruntime"):
         self.bundle = bundle
+        self.backend_name = backend_name
         self.name = name
         self.precision = precision
         self.backend = backend
@@ -90,7 +147,8 @@ class DeviceDetector:
 
     @classmethod
     def from_bundle(cls, bundle, name: str | None = None, precision: str | None = None,
-                    threads: int = 1, warn_on_threshold_mismatch: bool = True) -> DeviceDetector:
+                    threads: int = 1, warn_on_threshold_mismatch: bool = True,
+                    backend: str | None = None) -> DeviceDetector:
         """Load a detector from a bundle.
 
         Parameters
@@ -100,13 +158,17 @@ class DeviceDetector:
         name : str, optional
             Detector name. Default is the manifest's ``default_detector``.
         precision : {"int8", "fp32"} or None, default=None
-            Which ONNX file to run. None picks the precision whose scores set the current
+            Which model file to run. None picks the precision whose scores set the current
             threshold (see :func:`threshold_precision`), so score and threshold share a scale.
         threads : int, default=1
             onnxruntime intra-op threads.
         warn_on_threshold_mismatch : bool, default=True
             Log a warning when ``precision`` differs from the precision of the threshold's
             scores. Calibration turns it off because it is about to replace the threshold.
+        backend : {"onnxruntime", "litert"} or None, default=None
+            Runtime: onnxruntime runs the ``onnx-*`` files, LiteRT (ai-edge-litert, or
+            tflite-runtime) the ``tflite-*`` files. None picks the first of these two that
+            is installed and has a file for this detector.
 
         Raises
         ------
@@ -131,12 +193,13 @@ class DeviceDetector:
                 "rate may differ from the target; run 'anomalyforge device calibrate --precision %s' "
                 "to set a threshold for this precision", name, precision, calibrated, precision,
             )
-        entry = bundle.file_entry(name, format_key(precision))
-        backend = OnnxRuntimeBackend(bundle.path_of(entry), entry, threads=threads)
-        detector = cls(bundle, name, precision, backend)
+        backend_name = resolve_backend(model.get("formats", {}), backend, bundle.source)
+        entry = bundle.file_entry(name, format_key(precision, backend_name))
+        runtime = make_backend(backend_name, bundle.path_of(entry), entry, threads=threads)
+        detector = cls(bundle, name, precision, runtime, backend_name)
         logger.info(
-            "detector %s (%s) ready: window_length=%d, threshold=%s",
-            name, precision, detector.window_length, detector.threshold,
+            "detector %s (%s, %s) ready: window_length=%d, threshold=%s",
+            name, precision, backend_name, detector.window_length, detector.threshold,
         )
         return detector
 

@@ -29,8 +29,13 @@ from anomalyforge.signal import check_windows
 logger = logging.getLogger(__name__)
 
 # Format keys of the manifest and the file-name suffix of each.
-FORMAT_SUFFIXES = {"onnx-fp32": ".fp32.onnx", "onnx-int8": ".int8.onnx"}
-FORMAT_PRECISIONS = {"onnx-fp32": "float32", "onnx-int8": "int8"}
+FORMAT_SUFFIXES = {
+    "onnx-fp32": ".fp32.onnx", "onnx-int8": ".int8.onnx",
+    "tflite-fp32": ".fp32.tflite", "tflite-int8": ".int8.tflite",
+}
+FORMAT_PRECISIONS = {"onnx-fp32": "float32", "onnx-int8": "int8", "tflite-fp32": "float32", "tflite-int8": "int8"}
+ONNX_FORMATS = ("onnx-fp32", "onnx-int8")
+TFLITE_FORMATS = ("tflite-fp32", "tflite-int8")
 
 DETECTOR_INPUTS = ("window",)
 DETECTOR_OUTPUTS = ("score",)
@@ -60,6 +65,10 @@ class BundleWriter:
     preprocessing : list of dict
         Manifest ``preprocessing`` record, normally
         :func:`anomalyforge.signal.preprocessing_spec`.
+    formats : sequence of str, default=("onnx-fp32", "onnx-int8")
+        Format keys written for every model: any of ``onnx-fp32``, ``onnx-int8``,
+        ``tflite-fp32`` and ``tflite-int8``. The TFLite formats need the ``tflite-export``
+        extra (litert-torch) and have a fixed batch of 1.
 
     Notes
     -----
@@ -68,8 +77,15 @@ class BundleWriter:
     is not a loadable bundle.
     """
 
-    def __init__(self, out_dir, task: dict, preprocessing: list[dict]):
+    def __init__(self, out_dir, task: dict, preprocessing: list[dict], formats=ONNX_FORMATS):
         self.out_dir = Path(out_dir)
+        formats = tuple(formats)
+        unknown = [key for key in formats if key not in FORMAT_SUFFIXES]
+        if not formats or unknown or len(set(formats)) != len(formats):
+            raise InvalidInputError(
+                f"formats must be distinct keys among {list(FORMAT_SUFFIXES)}, got {list(formats)}"
+            )
+        self.formats = formats
         if not isinstance(task, dict):
             raise InvalidInputError(f"task must be a dict, got {type(task).__name__}")
         window_length = task.get("window_length")
@@ -90,7 +106,9 @@ class BundleWriter:
             )
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.window_length = window_length
+        # Model input length: the raw window for ECG beats, the feature vector where the
+        # preprocessing changes the length (log-mel stacks of audio windows).
+        self.window_length = int(task.get("feature_length", window_length))
         self.manifest = bundle.new_manifest(task, preprocessing)
         logger.info("writing bundle to %s (window_length %d)", self.out_dir, window_length)
 
@@ -109,7 +127,39 @@ class BundleWriter:
 
     def export_formats(self, name: str, module, example_inputs: tuple, calibration: dict,
                        input_names: tuple, output_names: tuple) -> tuple[dict, dict[str, Path]]:
-        """Write the fp32 and int8 files of one model and return their entries and paths."""
+        """Write the files of one model in every format of ``self.formats``; return entries and paths."""
+        formats, paths = {}, {}
+        if any(key in ONNX_FORMATS for key in self.formats):
+            formats, paths = self.export_onnx_formats(name, module, example_inputs, calibration,
+                                                      input_names, output_names)
+        tflite_keys = [key for key in self.formats if key in TFLITE_FORMATS]
+        if tflite_keys:
+            from anomalyforge.export.tflite_export import export_tflite_formats
+
+            logger.info("model %r: exporting %s", name, ", ".join(tflite_keys))
+            tflite_paths, extras = export_tflite_formats(
+                module, calibration, self.out_dir, {key: self.file_name(name, key) for key in tflite_keys},
+                input_names, output_names, float_output=output_names == DETECTOR_OUTPUTS,
+            )
+            for key, path in tflite_paths.items():
+                extra = dict(extras[key])
+                inputs, outputs = extra.pop("inputs"), extra.pop("outputs")
+                formats[key] = bundle.file_entry(self.out_dir, path.name, key, FORMAT_PRECISIONS[key],
+                                                 inputs, outputs, **extra)
+            paths.update(tflite_paths)
+        return formats, paths
+
+    def add_format_record(self, name: str, format_key: str, field: str, record: dict) -> None:
+        """Store an extra JSON record (for example ``"mcu"``) in one file entry of the manifest."""
+        entry = self.manifest["models"].get(name, {}).get("formats", {}).get(format_key)
+        if entry is None:
+            raise BundleError(f"model {name!r} has no {format_key!r} file in bundle {self.out_dir}")
+        check_json(record, f"{field} record of {name!r} ({format_key})")
+        entry[field] = record
+
+    def export_onnx_formats(self, name: str, module, example_inputs: tuple, calibration: dict,
+                            input_names: tuple, output_names: tuple) -> tuple[dict, dict[str, Path]]:
+        """Write the ONNX fp32 and int8 files of one model and return their entries and paths."""
         fp32_key, int8_key = "onnx-fp32", "onnx-int8"
         fp32_path = self.out_dir / self.file_name(name, fp32_key)
         int8_path = self.out_dir / self.file_name(name, int8_key)
@@ -132,7 +182,12 @@ class BundleWriter:
                 self.out_dir, path.name, format_key, FORMAT_PRECISIONS[format_key],
                 inputs, outputs, **extra,
             )
-        return formats, {fp32_key: fp32_path, int8_key: int8_path}
+        keys = [key for key in (fp32_key, int8_key) if key in self.formats]
+        if fp32_key not in keys:
+            # The fp32 file was only the input of quantization.
+            fp32_path.unlink()
+        return ({key: formats[key] for key in keys},
+                {key: path for key, path in ((fp32_key, fp32_path), (int8_key, int8_path)) if key in keys})
 
     def add_detector(self, name: str, module, example_window, threshold: dict, output: str,
                      calibration_windows: np.ndarray) -> dict[str, Path]:
