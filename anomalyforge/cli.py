@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_command(subparsers)
 
+    from anomalyforge.export.cli import add_export_commands
+
+    add_export_commands(subparsers)
+
     from anomalyforge.device.cli import add_device_commands
 
     device = subparsers.add_parser("device", help="run a bundle on the device: stream, calibrate or bench",

@@ -37,7 +37,7 @@ CLASSIFIERS = ("classifier_synthetic", "classifier_real")
 DECODER_NAME = "decoder"
 SEED_METRICS = ("roc_auc", "pr_auc", "recall", "fpr")
 DEMO_OUTPUTS = ("bundle", "device-bundle", "bundle.zip", "metrics.json", "local_normals.txt",
-                "report_inputs.npz", "report")
+                "report_inputs.npz", "report", "modules", "export-onnx", "export-tflite", "export-mcu")
 
 
 @dataclass
@@ -283,6 +283,10 @@ def run_demo(config: DemoConfig) -> dict:
 
     writer, paths, decoder_inputs = timer.run("export ONNX fp32 / int8", export_bundle, bundle_dir, split,
                                               detectors, generator, config.seed)
+    from anomalyforge.export.cli import save_run_modules
+
+    save_run_modules(run_dir, detectors, generator, k=config.k, seed=config.seed,
+                     window_length=split.test.x.shape[1])
     exported = evaluate_exports(paths, detectors, split, generator, decoder_inputs)
     writer.finish(DEFAULT_DETECTOR, metrics={"held_out_test": exported})
 

@@ -1,9 +1,10 @@
 """Device runtime: score bundle windows from a serial port and calibrate thresholds on the device.
 
-Depends on numpy, onnxruntime and pyserial only (plus the numpy-only shared modules
-:mod:`anomalyforge.signal`, :mod:`anomalyforge.thresholds` and :mod:`anomalyforge.bundle`);
-nothing here imports torch, TensorFlow or scikit-learn. onnxruntime and pyserial are
-imported when first needed, so a missing one is reported with the install command.
+Depends on numpy, onnxruntime (or ai-edge-litert / tflite-runtime for .tflite files) and
+pyserial only, plus the numpy-only shared modules :mod:`anomalyforge.signal`,
+:mod:`anomalyforge.thresholds` and :mod:`anomalyforge.bundle`. Nothing here imports torch,
+TensorFlow or scikit-learn. The runtimes and pyserial are imported when first needed, so a
+missing one is reported with the install command.
 """
 
 from anomalyforge.device.backends import MissingDependencyError, OnnxRuntimeBackend

@@ -213,7 +213,7 @@ class BundleWriter:
         Returns
         -------
         dict of str to pathlib.Path
-            The written file of each format key (``"onnx-fp32"``, ``"onnx-int8"``).
+            The written file of each format key in ``formats`` (``"onnx-fp32"``, ...).
         """
         self.check_new_model_name(name)
         threshold = check_threshold(threshold, name)
@@ -267,7 +267,7 @@ class BundleWriter:
         Returns
         -------
         dict of str to pathlib.Path
-            The written file of each format key (``"onnx-fp32"``, ``"onnx-int8"``).
+            The written file of each format key in ``formats`` (``"onnx-fp32"``, ...).
         """
         import torch
 
