@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_command(subparsers)
 
+    from anomalyforge.training.mitbih import add_mitbih_command
+
+    add_mitbih_command(subparsers)
+
     from anomalyforge.export.cli import add_export_commands
 
     add_export_commands(subparsers)

@@ -34,6 +34,7 @@ from anomalyforge.device.stream import (
     resolve_windowing,
     stream_port,
 )
+from anomalyforge.device.raw_ecg import RAW_ECG_MODE
 from anomalyforge.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -66,9 +67,10 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
                         help="runtime: 'onnxruntime' runs the onnx-* files, 'litert' the tflite-* files "
                              "(default: the first of these that is installed and has a file for the "
                              "detector)")
-    parser.add_argument("--mode", choices=MODES, default="beat",
+    parser.add_argument("--mode", choices=MODES + (RAW_ECG_MODE,), default="beat",
                         help="'beat': one window of window-length values per line; 'samples': one "
-                             "sample per line, cut into windows (default: %(default)s)")
+                             "sample per line, cut into windows; 'raw-ecg' (stream only): one raw ECG "
+                             "sample per line, beats cut around detected R peaks (default: %(default)s)")
     parser.add_argument("--window-length", type=positive_int, metavar="N",
                         help="samples per received window (default: the bundle's task.window_length); "
                              "another length is linearly resampled to the model's")
@@ -109,6 +111,9 @@ def add_device_commands(subparsers) -> None:
                         help="stop after N windows (default: no limit)")
     stream.add_argument("--output", metavar="FILE",
                         help="write the JSON lines to FILE instead of standard output")
+    stream.add_argument("--sample-rate", type=positive_float, metavar="HZ",
+                        help="raw-ecg mode: sample rate of the ECG in Hz, for example 360 for MIT-BIH "
+                             "(default: the bundle's task.raw_ecg record)")
     stream.set_defaults(handler=run_stream)
 
     calibrate = subparsers.add_parser(
@@ -158,7 +163,7 @@ def run_stream(args: argparse.Namespace) -> int:
         stream_port(
             detector, args.port, mode=args.mode, window_length=args.window_length, hop=args.hop,
             baudrate=args.baudrate, max_windows=args.max_windows, idle_timeout_s=args.idle_timeout,
-            on_window=output, framing=args.framing,
+            on_window=output, framing=args.framing, sample_rate_hz=args.sample_rate,
         )
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -183,6 +188,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                           backend=args.backend)
     if is_audio_bundle(detector.bundle):
         return run_audio_calibrate(args, detector)
+    if args.mode == RAW_ECG_MODE:
+        raise InvalidInputError(
+            "device calibrate does not read raw ECG; cut normal beats first (anomalyforge.signal.extract_beats) "
+            "and pass them with --mode beat"
+        )
     length, hop = resolve_windowing(detector.bundle.task, args.mode, args.window_length, args.hop)
     if args.port is not None:
         if args.windows is None:

@@ -508,7 +508,8 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
                 hop: int | None = None, baudrate: int = DEFAULT_BAUDRATE, max_windows: int | None = None,
                 idle_timeout_s: float | None = None, on_window=None, on_open: Callable[[], None] | None = None,
                 max_line_bytes: int | None = None, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-                summary_stream: TextIO | None = sys.stderr, framing: str = "auto") -> StreamSummary:
+                summary_stream: TextIO | None = sys.stderr, framing: str = "auto",
+                sample_rate_hz: float | None = None) -> StreamSummary:
     """Score every window read from a serial port until the stream stops, and return the totals.
 
     Parameters
@@ -550,6 +551,11 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
         ``hop`` samples of the device index (every ``window_length`` in beat mode), and
         the device's hello sets the sample rate.
 
+    sample_rate_hz : float, optional
+        Sample rate of the raw ECG in ``raw-ecg`` mode (one sample per line, beats cut
+        around detected R peaks; see :mod:`anomalyforge.device.raw_ecg`). Other modes
+        ignore it.
+
     Returns
     -------
     StreamSummary
@@ -561,6 +567,13 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
     BundleError
         If the detector has no threshold.
     """
+    if mode == "raw-ecg":
+        from anomalyforge.device.raw_ecg import stream_raw_ecg_port
+
+        return stream_raw_ecg_port(detector, port, sample_rate_hz, baudrate=baudrate, max_windows=max_windows,
+                                   idle_timeout_s=idle_timeout_s, on_window=on_window, on_open=on_open,
+                                   max_line_bytes=max_line_bytes, read_timeout_s=read_timeout_s,
+                                   summary_stream=summary_stream)
     if detector.threshold is None:
         raise BundleError(
             f"detector {detector.name!r} in {detector.bundle.source} has no threshold; set one "
