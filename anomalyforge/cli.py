@@ -1,4 +1,5 @@
-"""Command-line interface: ``anomalyforge demo`` and ``anomalyforge device stream|calibrate``."""
+"""Command-line interface: ``anomalyforge demo|report|experiment|export|mitbih-eval``,
+``anomalyforge device stream|calibrate|bench|replay`` and ``anomalyforge bridge``."""
 
 from __future__ import annotations
 
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     from anomalyforge.training.report import add_report_command
 
     add_report_command(subparsers)
+
+    from anomalyforge.training.sweep import add_experiment_command
+
+    add_experiment_command(subparsers)
 
     from anomalyforge.training.mitbih import add_mitbih_command
 
