@@ -18,7 +18,7 @@ DEVICE_PACKAGES = ("device", "firmware_bridge")
 FORBIDDEN = {"torch", "tensorflow", "sklearn"}
 # anomalyforge modules the device side may import besides its own packages.
 ALLOWED_ANOMALYFORGE = {"anomalyforge", "anomalyforge.signal", "anomalyforge.thresholds",
-                        "anomalyforge.bundle", "anomalyforge.errors"}
+                        "anomalyforge.bundle", "anomalyforge.errors", "anomalyforge.argtypes"}
 
 DEVICE_SCRIPT = textwrap.dedent("""
     import importlib.abc

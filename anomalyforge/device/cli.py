@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from anomalyforge.argtypes import positive_float, positive_int
 from anomalyforge.device.bench import (
     DEFAULT_REPEATS,
     DEFAULT_WARMUP,
@@ -38,20 +39,6 @@ from anomalyforge.device.raw_ecg import RAW_ECG_MODE
 from anomalyforge.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:

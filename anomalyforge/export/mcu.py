@@ -205,7 +205,7 @@ def write_c_sources(model_path, out_dir, name: str, record: dict) -> list[Path]:
     ]
     rows = [", ".join(f"0x{byte:02x}" for byte in data[start:start + 12]) for start in range(0, len(data), 12)]
     source = [
-        f'#include "model_data.h"',
+        '#include "model_data.h"',
         "",
         f"alignas(16) const unsigned char {symbol}_model_data[] = {{",
         *(f"    {row}," for row in rows),

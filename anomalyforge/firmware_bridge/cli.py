@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anomalyforge.argtypes import non_negative_int, positive_float, positive_int
 from anomalyforge.errors import InvalidInputError
 from anomalyforge.firmware_bridge.firmware import (
     DEFAULT_SAMPLES_PER_FRAME,
@@ -29,27 +30,6 @@ logger = logging.getLogger(__name__)
 
 C_SOURCE_FILES = ("af_frame.h", "af_frame.c")
 SOURCES = ("ecg5000",)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def load_ecg5000_beats(split: str) -> np.ndarray:

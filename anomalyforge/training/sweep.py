@@ -478,8 +478,8 @@ def summarise(cells: dict[str, dict], config: SweepConfig) -> dict:
     rows = []
     per_seed: dict[tuple, dict[int, dict]] = {}
     for k in config.ks:
-        row_keys = [("autoencoder", "-", f"autoencoder/{{seed}}"), ("pca", "-", f"pca/{k}/{{seed}}"),
-                    ("nearest_neighbour", "-", f"nearest_neighbour/{{seed}}")]
+        row_keys = [("autoencoder", "-", "autoencoder/{seed}"), ("pca", "-", f"pca/{k}/{{seed}}"),
+                    ("nearest_neighbour", "-", "nearest_neighbour/{seed}")]
         for detector in ("classifier", "combined"):
             if detector in config.detectors:
                 row_keys += [(detector, name, f"{detector}/{k}/{name}/{{seed}}") for name in config.generators]
