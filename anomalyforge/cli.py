@@ -44,6 +44,8 @@ def add_demo_command(subparsers) -> None:
                         help="data set: the embedded ECG5000 (default), or machine sounds read from --data-dir")
     parser.add_argument("--data-dir", type=Path,
                         help="folder of MIMII / DCASE 2020 Task 2 / labelled WAV files (machine sounds only)")
+    parser.add_argument("--splits", type=int, default=3,
+                        help="machine sounds only: train / test splits that hold out whole clips (default: 3)")
     parser.add_argument("--calibration-beats", type=int, default=1000,
                         help="the device calibrates on the normal beats among the first N TEST beats and "
                              "streams the others (default: 1000)")
@@ -92,7 +94,9 @@ def run_audio_demo_command(args: argparse.Namespace) -> int:
             f"the audio demo needs the training extras ({error}); install them with pip install 'anomalyforge[all]'"
         ) from error
     run_dir = Path("runs/audio-demo") if args.run_dir == Path("runs/demo") else args.run_dir
-    metrics = run_audio_demo(args.dataset, args.data_dir, run_dir, seed=args.seed)
+    if args.splits < 1:
+        raise InvalidInputError(f"--splits must be at least 1, got {args.splits}")
+    metrics = run_audio_demo(args.dataset, args.data_dir, run_dir, seed=args.seed, n_splits=args.splits)
     print(format_audio_summary(metrics))
     print(f"\nMetrics: {run_dir / 'metrics.json'}")
     return 0

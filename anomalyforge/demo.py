@@ -405,6 +405,14 @@ def format_summary(metrics: dict) -> str:
         f"{streaming['skipped_lines']} lines skipped, latency p50 {streaming['latency_p50_us']:.0f} us, "
         f"p99 {streaming['latency_p99_us']:.0f} us"
     )
+    device_fpr = streaming.get("device_threshold", {}).get("fpr")
+    bound = calibration["threshold"].get("fpr_upper_95")
+    if device_fpr is not None and bound is not None and device_fpr > bound:
+        lines.append(
+            f"  NOTE: the streamed FPR {device_fpr:.4f} is above the calibration's 95 % bound {bound:.4f}. "
+            "The bound assumes the calibration and streamed normals are exchangeable; here they come "
+            "from different parts of one recording."
+        )
     for key in ("device_threshold", "workstation_threshold"):
         if key in streaming:
             entry = streaming[key]

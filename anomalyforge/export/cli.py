@@ -117,6 +117,13 @@ def load_run_modules(run_dir) -> dict:
 
     directory = Path(run_dir) / MODULES_DIR
     index_path = directory / MODULES_INDEX
+    if not Path(run_dir).is_dir():
+        raise InvalidInputError(f"run directory {run_dir} not found; pass the --run-dir of an 'anomalyforge demo' run")
+    if (Path(run_dir) / "metrics.json").is_file() and not index_path.is_file():
+        raise InvalidInputError(
+            f"{run_dir} has no saved torch modules: export works on ECG5000 runs of 'anomalyforge demo', "
+            "and the machine-sound demo writes its bundle directly (see its bundle/ folder)"
+        )
     if not index_path.is_file():
         raise InvalidInputError(
             f"{index_path} not found; {run_dir} has no saved torch modules. Run 'anomalyforge demo "

@@ -390,6 +390,14 @@ def add_mitbih_command(subparsers) -> None:
 def run_mitbih_command(args: argparse.Namespace) -> int:
     if args.calibration_minutes <= 0:
         raise InvalidInputError(f"--calibration-minutes must be positive, got {args.calibration_minutes}")
+    from anomalyforge.bundle import load_bundle
+
+    modality = load_bundle(args.bundle).task.get("modality")
+    if modality != "ecg-beat":
+        raise InvalidInputError(
+            f"bundle {args.bundle} is for {modality!r} input, but mitbih-eval scores ECG beats; pass a "
+            "bundle written by 'anomalyforge demo' on ECG5000"
+        )
     reports = [evaluate_record(args.bundle, read_record(name, args.data_dir), args.calibration_minutes,
                                polarity=args.polarity) for name in args.records]
     print(format_report(reports))
