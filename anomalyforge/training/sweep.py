@@ -533,6 +533,9 @@ def summarise(cells: dict[str, dict], config: SweepConfig) -> dict:
 
 
 def format_cell(entry: dict, digits: int = 3) -> str:
+    # A standard deviation over one seed is undefined, so only the mean is shown then.
+    if entry.get("n", 2) < 2:
+        return f"{entry['mean']:.{digits}f}"
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
@@ -542,7 +545,14 @@ def format_difference(entry: dict) -> str:
 
 def format_tables(summary: dict) -> str:
     """Render the summary as Markdown tables: detectors, paired differences, generator quality."""
-    lines = ["| k | detector | generator | ROC-AUC | PR-AUC | recall@1% | class 2 | class 3 | class 4 | class 5 "
+    settings = summary.get("settings", {})
+    setting_names = ("ks", "generators", "detectors", "seeds", "n_synthetic", "n_folds", "target_fpr",
+                     "epochs_scale", "validity_filter")
+    lines = ["# Few-shot sweep on ECG5000 (held-out TEST)", "",
+             "Settings: " + ", ".join(f"{name} = {settings[name]}" for name in setting_names if name in settings)
+             + ". Cells are mean ± standard deviation over seeds.", "",
+             "## Detectors", "",
+             "| k | detector | generator | ROC-AUC | PR-AUC | recall@1% | class 2 | class 3 | class 4 | class 5 "
              "| recall (calibrated) | FPR (calibrated) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
@@ -551,7 +561,8 @@ def format_tables(summary: dict) -> str:
         lines.append(f"| {row['k']} | {row['detector']} | {row['generator']} | {format_cell(metrics['roc_auc'])} | "
                      f"{format_cell(metrics['pr_auc'])} | {format_cell(metrics['recall_at_1pct'])} | {classes} | "
                      f"{format_cell(metrics['recall'])} | {format_cell(metrics['fpr'], 4)} |")
-    lines += ["", "Paired differences against the real-only classifier (same k and seed): mean difference "
+    lines += ["", "## Paired differences against the real-only classifier", "",
+              "Same k and seed: mean difference "
               "(seeds better / seeds compared).", "",
               "| k | detector | generator | recall@1% | class 3 | class 4 | class 5 | recall (calibrated) | ROC-AUC |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -564,7 +575,7 @@ def format_tables(summary: dict) -> str:
         lines.append(f"| {row['k']} | {row['detector']} | {row['generator']} | "
                      + " | ".join(format_difference(entry) for entry in cells) + " |")
     if summary["generators"]:
-        lines += ["", "| k | generator | fit s | windows kept | dropped by filter | nearest real anomaly of another class "
+        lines += ["", "## Generators: filter and quality", "", "| k | generator | fit s | windows kept | dropped by filter | nearest real anomaly of another class "
                   "| precision | coverage | near-duplicates | near-copies |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for entry in summary["generators"]:
