@@ -22,9 +22,11 @@ from anomalyforge.device.stream import (
     LATENCY_HISTORY,
     LineParser,
     StreamSummary,
+    finish_summary,
     make_emitter,
     open_port,
     read_port,
+    record_reader_totals,
 )
 from anomalyforge.errors import BundleError, InvalidInputError
 from anomalyforge.signal import QRS_STEP, StreamingBeatExtractor, qrs_beat_spec
@@ -209,17 +211,6 @@ def stream_raw_ecg_port(detector, port: str, sample_rate_hz: float | None = None
             handle(records, time.perf_counter_ns() - begun)
     finally:
         handle_port.close()
-        summary.duration_s = time.monotonic() - started
-        summary.framing = "text"
-        summary.lines_read = reader.parser.lines_read
-        summary.bytes_read = reader.parser.bytes_read
-        summary.skipped = dict(reader.parser.skipped)
-        if latencies:
-            values = np.fromiter(latencies, dtype=np.float64)
-            summary.latency_p50_us = float(np.percentile(values, 50))
-            summary.latency_p99_us = float(np.percentile(values, 99))
-        if summary.stop_reason == "":
-            summary.stop_reason = "error"
-        if summary_stream is not None:
-            print(summary.format(), file=summary_stream, flush=True)
+        record_reader_totals(summary, reader)
+        finish_summary(summary, latencies, started, summary_stream)
     return summary

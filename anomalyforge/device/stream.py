@@ -546,7 +546,7 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
         Where the summary is printed at the end; None prints nothing.
     framing : {"auto", "text", "binary"}, default="auto"
         Text lines, binary COBS frames, or detect which from the first bytes. With binary
-        frames each window record also holds ``sample_index`` (the device sample index of
+        frames each window record also contains ``sample_index`` (the device sample index of
         its first sample) and ``samples_lost`` (the running total), windows are cut every
         ``hop`` samples of the device index (every ``window_length`` in beat mode), and
         the device's hello sets the sample rate.
@@ -629,17 +629,23 @@ def stream_port(detector, port: str, mode: str = "beat", window_length: int | No
         summary.stop_reason = read_port(handle, reader, score_windows, idle_timeout_s)
     finally:
         handle.close()
-        summary.duration_s = time.monotonic() - started
         record_reader_totals(summary, reader)
-        if latencies:
-            values = np.fromiter(latencies, dtype=np.float64)
-            summary.latency_p50_us = float(np.percentile(values, 50))
-            summary.latency_p99_us = float(np.percentile(values, 99))
-        if summary.stop_reason == "":
-            summary.stop_reason = "error"
-        if summary_stream is not None:
-            print(summary.format(), file=summary_stream, flush=True)
+        finish_summary(summary, latencies, started, summary_stream)
     return summary
+
+
+def finish_summary(summary: StreamSummary, latencies, started: float, summary_stream: TextIO | None) -> None:
+    """Fill in duration, latency percentiles and a stop reason, then print the summary if asked."""
+    summary.duration_s = time.monotonic() - started
+    if latencies:
+        values = np.fromiter(latencies, dtype=np.float64)
+        summary.latency_p50_us = float(np.percentile(values, 50))
+        summary.latency_p99_us = float(np.percentile(values, 99))
+    if summary.stop_reason == "":
+        # The reading loop ended by an exception, which propagates after this summary.
+        summary.stop_reason = "error"
+    if summary_stream is not None:
+        print(summary.format(), file=summary_stream, flush=True)
 
 
 def resolve_windowing(task: dict, mode: str, window_length: int | None, hop: int | None) -> tuple[int, int]:

@@ -31,6 +31,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from anomalyforge.training.fitting import EpochLogger, score_windows, seed_everything, train_minibatches
+from anomalyforge.training.generators import negative_elbo
 
 logger = logging.getLogger(__name__)
 
@@ -244,9 +245,7 @@ def fit_audio_cvae(normals: np.ndarray, anomalies: np.ndarray, seed: int = 0,
             windows = torch.cat([normal_data[normal_index], anomaly_data[anomaly_index]])
             conditions = torch.cat([torch.zeros(len(normal_index), 1), torch.ones(n_anomalies, 1)])
             target, reconstruction, mean, log_variance = model(windows, conditions)
-            reconstruction_loss = (reconstruction - target).pow(2).sum(dim=1).mean()
-            kl = -0.5 * (1 + log_variance - mean.pow(2) - log_variance.exp()).sum(dim=1).mean()
-            loss = reconstruction_loss + config.beta * kl
+            loss = negative_elbo(reconstruction, target, mean, log_variance, config.beta)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -30,6 +30,7 @@ from scipy.interpolate import CubicSpline
 
 from anomalyforge.errors import InvalidInputError
 from anomalyforge.signal import znormalize
+from anomalyforge.training.generators import spread_over_classes
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +123,7 @@ class AugmentGenerator:
 
     def class_schedule(self, n_samples: int, classes: list[int] | None = None) -> np.ndarray:
         """Spread ``n_samples`` as evenly as possible over ``classes`` (default: all fitted classes)."""
-        classes = self.classes_ if classes is None else [int(label) for label in classes]
-        unknown = sorted(set(classes) - set(self.classes_))
-        if unknown:
-            raise InvalidInputError(f"classes {unknown} were not fitted; the generator knows {self.classes_}")
-        return np.array([classes[i % len(classes)] for i in range(n_samples)], dtype=np.int64)
+        return spread_over_classes(n_samples, self.classes_, classes)
 
     def augment_one(self, label: int, rng: np.random.Generator) -> np.ndarray:
         """Return one raw (not yet z-normalised) augmented beat of class ``label``."""

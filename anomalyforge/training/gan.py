@@ -29,7 +29,7 @@ from torch import nn
 from anomalyforge.errors import InvalidInputError
 from anomalyforge.signal import ZNORM_EPS, znormalize
 from anomalyforge.training.fitting import seed_everything
-from anomalyforge.training.generators import one_hot_conditions
+from anomalyforge.training.generators import one_hot_conditions, spread_over_classes
 from anomalyforge.training.models import CVAEDecoder
 
 logger = logging.getLogger(__name__)
@@ -188,11 +188,7 @@ class GANGenerator:
 
     def class_schedule(self, n_samples: int, classes: list[int] | None = None) -> np.ndarray:
         """Spread ``n_samples`` as evenly as possible over ``classes`` (default: all fitted classes)."""
-        classes = self.classes_ if classes is None else [int(label) for label in classes]
-        unknown = sorted(set(classes) - set(self.classes_))
-        if unknown:
-            raise InvalidInputError(f"classes {unknown} were not fitted; the generator knows {self.classes_}")
-        return np.array([classes[i % len(classes)] for i in range(n_samples)], dtype=np.int64)
+        return spread_over_classes(n_samples, self.classes_, classes)
 
     @torch.no_grad()
     def sample(self, n_samples: int, seed: int = 0, classes: list[int] | None = None):

@@ -37,12 +37,33 @@ class CVAEConfig:
     anomaly_fraction: float = 0.25
 
 
+def negative_elbo(reconstruction: torch.Tensor, target: torch.Tensor, mean: torch.Tensor,
+                  log_variance: torch.Tensor, beta: float) -> torch.Tensor:
+    """Return the batch mean of summed squared error plus ``beta`` times KL(q(z|x) || N(0, I))."""
+    reconstruction_loss = (reconstruction - target).pow(2).sum(dim=1).mean()
+    kl = -0.5 * (1 + log_variance - mean.pow(2) - log_variance.exp()).sum(dim=1).mean()
+    return reconstruction_loss + beta * kl
+
+
 def one_hot_conditions(labels: np.ndarray, classes: list[int]) -> np.ndarray:
     """Return (n, len(classes)) one-hot rows; labels not in ``classes`` (the normal class) get zeros."""
     conditions = np.zeros((len(labels), len(classes)), dtype=np.float32)
     for column, label in enumerate(classes):
         conditions[np.asarray(labels) == label, column] = 1.0
     return conditions
+
+
+def spread_over_classes(n_samples: int, fitted_classes: list[int], classes: list[int] | None = None) -> np.ndarray:
+    """Return ``n_samples`` labels cycling through ``classes`` (default: ``fitted_classes``).
+
+    Shared by every generator's ``class_schedule``. Raises InvalidInputError for a class the
+    generator was not fitted on.
+    """
+    classes = fitted_classes if classes is None else [int(label) for label in classes]
+    unknown = sorted(set(classes) - set(fitted_classes))
+    if unknown:
+        raise InvalidInputError(f"classes {unknown} were not fitted; the generator knows {fitted_classes}")
+    return np.array([classes[i % len(classes)] for i in range(n_samples)], dtype=np.int64)
 
 
 class CVAEGenerator:
@@ -86,9 +107,7 @@ class CVAEGenerator:
                     torch.zeros(len(normal_index), len(self.classes_)), anomaly_conditions[anomaly_index],
                 ])
                 reconstruction, mean, log_variance = model(windows, conditions)
-                reconstruction_loss = (reconstruction - windows).pow(2).sum(dim=1).mean()
-                kl = -0.5 * (1 + log_variance - mean.pow(2) - log_variance.exp()).sum(dim=1).mean()
-                loss = reconstruction_loss + config.beta * kl
+                loss = negative_elbo(reconstruction, windows, mean, log_variance, config.beta)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -109,11 +128,7 @@ class CVAEGenerator:
 
     def class_schedule(self, n_samples: int, classes: list[int] | None = None) -> np.ndarray:
         """Spread ``n_samples`` as evenly as possible over ``classes`` (default: all fitted classes)."""
-        classes = self.classes_ if classes is None else classes
-        unknown = sorted(set(classes) - set(self.classes_))
-        if unknown:
-            raise InvalidInputError(f"classes {unknown} were not fitted; the generator knows {self.classes_}")
-        return np.array([classes[i % len(classes)] for i in range(n_samples)], dtype=np.int64)
+        return spread_over_classes(n_samples, self.classes_, classes)
 
     @torch.no_grad()
     def sample(self, n_samples: int, seed: int = 0, classes: list[int] | None = None):
