@@ -454,9 +454,8 @@ def qrs_beat_spec(sample_rate_hz: float = 360.0, beat_pre_s: float = BEAT_PRE_S,
         Seconds kept before and after each R peak, both >= 0 with a positive sum.
     polarity : {1, -1}, default=-1
         Factor applied to the beat before resampling and z-normalisation. The default -1
-        turns the upright QRS of MIT-BIH lead MLII into the downward main deflection of
-        ECG5000 beats; on record 208 it raised the V-vs-N ROC-AUC of the demo bundle
-        from 0.09 to 0.63.
+        turns the upright QRS of MIT-BIH lead MLII into the downward main deflection that
+        the ECG5000 training beats have. Use 1 for a lead whose QRS already points down.
 
     Returns
     -------

@@ -339,7 +339,7 @@ class FrameEncoder:
     """Encode messages with consecutive sequence numbers, as firmware does.
 
     The first frame after construction (or :meth:`reset`) has sequence number 0, which
-    tells the receiver that the device booted; later numbers run 1..65535 and wrap to 1.
+    signals to the receiver that the device booted. Later numbers run 1..65535 and wrap to 1.
     """
 
     def __init__(self):

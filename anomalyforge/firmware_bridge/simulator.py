@@ -264,7 +264,7 @@ class PtySerialDevice:
         if threading.current_thread() is not self.writer and not self.wait_written(self.drain_timeout_s):
             logger.warning("%s: closing before playback finished; stopping the writer", self.port)
             self.stop_writing.set()
-            # Wakes a writer still waiting for the host; it sees stop_writing and returns.
+            # Wake a writer still waiting for the host, so it checks stop_writing and returns.
             self.host_ready.set()
             self.writer.join()
         remaining_s = max(0.0, deadline - time.monotonic())
